@@ -1,0 +1,291 @@
+"""``install_dual_write`` and the ``DualWrite`` handle it returns."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import registry as Registry
+
+from sa_dualwrite import _revert, _store
+from sa_dualwrite._apply import Applier
+from sa_dualwrite._codec import decode_key, encode_key
+from sa_dualwrite._errors import DualWriteError
+from sa_dualwrite._logging import JsonLinesFile, make_logger
+from sa_dualwrite.listeners._capture import CaptureListeners
+from sa_dualwrite.mapping._compile import CompiledMapping, compile_all
+from sa_dualwrite.mapping._load import normalize
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine as AsyncEngineLike
+else:
+    AsyncEngineLike = Any
+
+__all__ = ["DEFAULT_LOG_FILE", "DualWrite", "install_dual_write"]
+
+DEFAULT_LOG_FILE = "logs/dual_write.log"
+DEFAULT_V2_TIMEOUT = 3.0
+
+_installed: weakref.WeakKeyDictionary[Engine, DualWrite] = (
+    weakref.WeakKeyDictionary()
+)
+_installed_lock = threading.Lock()
+
+
+def _sync_engine(engine: Any, role: str) -> Engine:
+    # An AsyncEngine wraps a sync Engine; checking the attribute avoids
+    # importing sqlalchemy.ext.asyncio, which requires greenlet.
+    sync_engine = getattr(engine, "sync_engine", engine)
+    if isinstance(sync_engine, Engine):
+        return sync_engine
+    raise DualWriteError(
+        f"{role} must be a SQLAlchemy Engine or AsyncEngine, got "
+        f"{type(engine).__name__}; pass the result of create_engine()"
+    )
+
+
+class DualWrite:
+    """Handle on one installed dual write; returned by ``install_dual_write``.
+
+    Use it to create the plugin's tables, to revert and replay changes, to
+    read the cross-reference and to uninstall.
+    """
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        target: Engine,
+        mappings: dict[str, CompiledMapping],
+        log_file: str | os.PathLike[str] | None,
+        v2_timeout: float,
+    ) -> None:
+        self.engine = engine
+        self.target = target
+        self.v2_timeout = v2_timeout
+        self._mappings = mappings
+        self.logger, self._log_sink = make_logger(log_file)
+        self.log_file = None if self._log_sink is None else self._log_sink.path
+        self.in_transaction = target is engine
+        self._applier = Applier(
+            source=engine,
+            target=target,
+            mappings=mappings,
+            timeout=v2_timeout,
+            logger=self.logger,
+        )
+        self._listeners = CaptureListeners(
+            engine=engine,
+            mappings=mappings,
+            applier=self._applier,
+            in_transaction=self.in_transaction,
+        )
+        self.installed = False
+
+    @property
+    def mappings(self) -> dict[str, CompiledMapping]:
+        """The installed mappings, compiled, by name."""
+        return dict(self._mappings)
+
+    def _install(self) -> None:
+        self._listeners.register()
+        self.installed = True
+        self.logger.info(
+            "dual_write_installed",
+            mappings=sorted(self._mappings),
+            mode="in_transaction" if self.in_transaction else "after_commit",
+            source=self.engine.url.render_as_string(hide_password=True),
+            target=self.target.url.render_as_string(hide_password=True),
+        )
+
+    def uninstall(self) -> None:
+        """Remove every listener; changes not yet committed are not synced."""
+        with _installed_lock:
+            if _installed.get(self.engine) is self:
+                del _installed[self.engine]
+        if not self.installed:
+            return
+        self._listeners.unregister()
+        self._applier.close()
+        self.installed = False
+        self.logger.info("dual_write_uninstalled")
+        if self._log_sink is not None:
+            self._log_sink.close()
+
+    def create_tables(self) -> None:
+        """Create the audit and cross-reference tables in the target
+        database and the outbox table in the source database, if missing.
+        """
+        _store.metadata.create_all(self.target)
+        _store.outbox_metadata.create_all(self.engine)
+
+    def _mapping(self, name: str) -> CompiledMapping:
+        try:
+            return self._mappings[name]
+        except KeyError:
+            known = ", ".join(sorted(self._mappings))
+            raise DualWriteError(
+                f"unknown mapping {name!r}; installed mappings: {known}"
+            ) from None
+
+    def v2_id(self, mapping_name: str, v1_pk: Any) -> Any:
+        """Return the target key cross-referenced to source key ``v1_pk``.
+
+        ``v1_pk`` is a value, or a tuple for a composite key. Returns the
+        target key in its column's type (a tuple for a composite key), or
+        None when the row has no cross-reference.
+        """
+        mapping = self._mapping(mapping_name)
+        key = encode_key(_as_tuple(v1_pk))
+        with self.target.connect() as connection:
+            found = _store.load_xref(connection, mapping.name, [key])
+        if key not in found:
+            return None
+        return _unwrap(decode_key(found[key], mapping.target_pk_types))
+
+    def v1_id(self, mapping_name: str, v2_pk: Any) -> Any:
+        """Return the source key cross-referenced to target key ``v2_pk``."""
+        mapping = self._mapping(mapping_name)
+        key = encode_key(_as_tuple(v2_pk))
+        with self.target.connect() as connection:
+            found = _store.v1_key_for(connection, mapping.name, key)
+        if found is None:
+            return None
+        return _unwrap(decode_key(found, mapping.source_pk_types))
+
+    def revert(
+        self,
+        audit_id: int | None = None,
+        *,
+        session_key: str | None = None,
+        force: bool = False,
+    ) -> list[int]:
+        """Undo applied changes in the target, newest first, all or nothing.
+
+        Give one ``audit_id`` or a ``session_key`` (every applied change of
+        that session). An insert is deleted with its cross-reference, an
+        update restores its ``before`` image, a delete re-inserts it. Raises
+        :class:`~sa_dualwrite.RevertConflict` when a target row changed
+        since, unless ``force`` is true, and
+        :class:`~sa_dualwrite.DualWriteError` for a change that is not
+        ``applied``. Returns the ids of the new ``revert`` audit rows.
+        """
+        if (audit_id is None) == (session_key is None):
+            raise DualWriteError(
+                "revert() needs exactly one of audit_id or session_key="
+            )
+        return _revert.revert(
+            self, audit_id=audit_id, session_key=session_key, force=force
+        )
+
+    def replay(self, ids: Iterable[int] | None = None) -> list[int]:
+        """Retry failed changes from the current source rows.
+
+        Without ``ids`` every change with status ``failed`` is retried, as
+        well as changes that failed while the target was unreachable and
+        could not be audited. Each retried audit row becomes ``replayed``
+        and each retry writes a new row, ``applied`` or ``failed``. Returns
+        the ids of the new audit rows.
+        """
+        return _revert.replay(self, None if ids is None else list(ids))
+
+    @property
+    def applier(self) -> Applier:
+        """The object that applies changes and reports their outcomes."""
+        return self._applier
+
+    @property
+    def listeners(self) -> CaptureListeners:
+        """The capture receivers of this install."""
+        return self._listeners
+
+    @property
+    def log_sink(self) -> JsonLinesFile | None:
+        """The JSON lines file sink, when ``log_file`` was given."""
+        return self._log_sink
+
+    def __repr__(self) -> str:
+        state = "installed" if self.installed else "uninstalled"
+        return (
+            f"<DualWrite {state} {sorted(self._mappings)} "
+            f"source={self.engine.url.render_as_string(hide_password=True)}>"
+        )
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    return (value,)
+
+
+def _unwrap(key: Sequence[Any]) -> Any:
+    return key[0] if len(key) == 1 else tuple(key)
+
+
+def install_dual_write(
+    engine: Engine | AsyncEngineLike,
+    mappings: Any = None,
+    target: Engine | AsyncEngineLike | None = None,
+    log_file: str | os.PathLike[str] | None = DEFAULT_LOG_FILE,
+    *,
+    base: type[DeclarativeBase] | Registry | None = None,
+    v2_timeout: float = DEFAULT_V2_TIMEOUT,
+) -> DualWrite:
+    """Watch the ORM sessions of ``engine`` and sync their writes to V2.
+
+    Args:
+        engine: the source (V1) engine; writes of ORM sessions bound to it
+            are captured. An ``AsyncEngine`` is accepted.
+        mappings: a list of :class:`~sa_dualwrite.Mapping` or dicts, a
+            path to a TOML file, or None for every mapped class that
+            declares ``__dual_write__`` (under ``base`` when given).
+        target: the V2 engine; None writes to ``engine`` itself, inside
+            the source transaction.
+        log_file: file that receives JSON lines; None writes no file.
+        base: a declarative base or registry that limits the search for
+            ``__dual_write__`` declarations.
+        v2_timeout: seconds that connecting to the target, waiting for its
+            locks and running its statements may take per commit.
+
+    Raises:
+        MappingError: a mapping is invalid; nothing is installed.
+        DualWriteError: dual write is already installed on ``engine``.
+    """
+    source = _sync_engine(engine, "engine")
+    target_engine = (
+        source if target is None else _sync_engine(target, "target")
+    )
+    if not v2_timeout > 0:
+        raise DualWriteError(
+            f"v2_timeout must be a positive number of seconds, got "
+            f"{v2_timeout!r}"
+        )
+    compiled = compile_all(normalize(mappings, base=base))
+    with _installed_lock:
+        existing = _installed.get(source)
+        if existing is not None:
+            raise DualWriteError(
+                f"dual write is already installed on engine {source.url!r}; "
+                "call uninstall() on the existing handle first"
+            )
+        handle = DualWrite(
+            engine=source,
+            target=target_engine,
+            mappings=compiled,
+            log_file=log_file,
+            v2_timeout=v2_timeout,
+        )
+        try:
+            handle._install()
+        except Exception:
+            handle.uninstall()
+            raise
+        _installed[source] = handle
+    return handle

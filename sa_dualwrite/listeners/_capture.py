@@ -1,0 +1,351 @@
+"""ORM event receivers that capture changes and trigger their sync.
+
+Receivers are named after the hook they receive and registered from one
+table, :meth:`CaptureListeners.receivers`, so that install and uninstall
+walk the same list. They never write to the target themselves: they turn
+flushed objects into :class:`~sa_dualwrite._buffer.Change` values, keep them
+in the buffer of the current session transaction and hand the buffer of a
+committed root transaction to the :class:`~sa_dualwrite._apply.Applier`.
+
+State is kept per session (a weak mapping from Session to
+:class:`SessionState`) and, inside a session, per transaction: the root
+transaction and each savepoint have their own buffer. A released savepoint
+merges its buffer into the enclosing one; a savepoint or root transaction
+that ends without a commit discards its buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Mapper, Session, SessionTransaction
+from sqlalchemy.orm.base import instance_state
+
+from sa_dualwrite._apply import Applier
+from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change, ChangeBuffer
+from sa_dualwrite._context import current_actor, session_key
+from sa_dualwrite._sync import Outcome
+from sa_dualwrite.mapping._compile import CompiledMapping
+
+__all__ = ["CaptureListeners", "SessionState"]
+
+Receiver = tuple[Any, str, Callable[..., Any]]
+
+
+@dataclass(eq=False)
+class SessionState:
+    """What one install keeps about one session."""
+
+    session: weakref.ref[Session]
+    buffers: dict[SessionTransaction, ChangeBuffer] = field(
+        default_factory=dict
+    )
+    connection: Connection | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+    reported_key: str | None = None
+
+
+def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
+    """Return the savepoint or root transaction that encloses a savepoint."""
+    parent = transaction.parent
+    assert parent is not None
+    while not (parent.nested or parent.parent is None):
+        assert parent.parent is not None
+        parent = parent.parent
+    return parent
+
+
+class CaptureListeners:
+    """The receivers of one install, and the state they share."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        mappings: dict[str, CompiledMapping],
+        applier: Applier,
+        in_transaction: bool,
+    ) -> None:
+        self.engine = engine
+        self.mappings = mappings
+        self.applier = applier
+        self.in_transaction = in_transaction
+        self._by_mapper: dict[Mapper[Any], tuple[CompiledMapping, ...]] = {}
+        self._sessions: weakref.WeakKeyDictionary[Session, SessionState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._by_connection: dict[Connection, SessionState] = {}
+        self._parked: dict[Connection, tuple[ChangeBuffer, str]] = {}
+        self._lock = threading.Lock()
+        self._registered: list[Receiver] = []
+
+    def receivers(self) -> list[Receiver]:
+        """Return each ``(target, hook, function)`` of this install."""
+        table: list[Receiver] = [
+            (Mapper, "after_insert", self._after_insert),
+            (Mapper, "after_update", self._after_update),
+            (Mapper, "after_delete", self._after_delete),
+            (Session, "after_commit", self._after_commit),
+            (Session, "after_transaction_end", self._after_transaction_end),
+        ]
+        if self.in_transaction:
+            table.append((self.engine, "commit", self._commit))
+            table.append((self.engine, "rollback", self._rollback))
+        return table
+
+    def register(self) -> None:
+        """Listen to every receiver; on failure, remove those added."""
+        try:
+            for target, hook, function in self.receivers():
+                event.listen(target, hook, function)
+                self._registered.append((target, hook, function))
+        except Exception:
+            self.unregister()
+            raise
+
+    def unregister(self) -> None:
+        """Remove every receiver this install added."""
+        while self._registered:
+            target, hook, function = self._registered.pop()
+            if event.contains(target, hook, function):
+                event.remove(target, hook, function)
+        self._by_connection.clear()
+        self._parked.clear()
+
+    def _mappings_for(
+        self, mapper: Mapper[Any]
+    ) -> tuple[CompiledMapping, ...]:
+        found = self._by_mapper.get(mapper)
+        if found is None:
+            lineage = set(mapper.iterate_to_root())
+            found = tuple(
+                mapping
+                for mapping in self.mappings.values()
+                if mapping.source_mapper in lineage
+            )
+            self._by_mapper[mapper] = found
+        return found
+
+    def _watches(self, connection: Connection) -> bool:
+        engine = connection.engine
+        return engine is self.engine or (
+            getattr(engine, "_proxied", None) is self.engine
+        )
+
+    def _after_insert(
+        self, mapper: Mapper[Any], connection: Connection, target: Any
+    ) -> None:
+        mappings = self._mappings_for(mapper)
+        if not mappings or not self._watches(connection):
+            return
+        session, buffer = self._buffer_for(target, connection)
+        actor = current_actor(session)
+        for mapping in mappings:
+            buffer.add(
+                Change(
+                    mapping.name,
+                    INSERT,
+                    mapping.source_key(target),
+                    frozenset(mapping.source_attrs),
+                    actor,
+                )
+            )
+
+    def _after_update(
+        self, mapper: Mapper[Any], connection: Connection, target: Any
+    ) -> None:
+        mappings = self._mappings_for(mapper)
+        if not mappings or not self._watches(connection):
+            return
+        state = instance_state(target)
+        modified = state.committed_state.keys()
+        changes = []
+        for mapping in mappings:
+            changed = frozenset(
+                attr
+                for attr in mapping.source_attrs
+                if attr in modified and state.attrs[attr].history.has_changes()
+            )
+            new_key = mapping.source_key(target)
+            old_key = tuple(state.key[1]) if state.key else new_key
+            if old_key != new_key:
+                changes.append(Change(mapping.name, DELETE, old_key))
+                changes.append(
+                    Change(
+                        mapping.name,
+                        INSERT,
+                        new_key,
+                        frozenset(mapping.source_attrs),
+                    )
+                )
+            elif changed:
+                changes.append(Change(mapping.name, UPDATE, new_key, changed))
+        if not changes:
+            return
+        session, buffer = self._buffer_for(target, connection)
+        actor = current_actor(session)
+        for change in changes:
+            change.actor = actor
+            buffer.add(change)
+
+    def _after_delete(
+        self, mapper: Mapper[Any], connection: Connection, target: Any
+    ) -> None:
+        mappings = self._mappings_for(mapper)
+        if not mappings or not self._watches(connection):
+            return
+        state = instance_state(target)
+        session, buffer = self._buffer_for(target, connection)
+        actor = current_actor(session)
+        for mapping in mappings:
+            key = (
+                tuple(state.key[1])
+                if state.key
+                else mapping.source_key(target)
+            )
+            buffer.add(Change(mapping.name, DELETE, key, actor=actor))
+
+    def add_changes(
+        self,
+        session: Session,
+        connection: Connection,
+        changes: list[Change],
+    ) -> None:
+        """Buffer changes captured outside the mapper events."""
+        buffer = self._buffer_of_session(session, connection)
+        for change in changes:
+            buffer.add(change)
+
+    def _buffer_for(
+        self, target: Any, connection: Connection
+    ) -> tuple[Session, ChangeBuffer]:
+        session = sa_inspect(target).session
+        if session is None:  # pragma: no cover - flush always has one
+            raise RuntimeError("a flushed object has no session")
+        return session, self._buffer_of_session(session, connection)
+
+    def _buffer_of_session(
+        self, session: Session, connection: Connection
+    ) -> ChangeBuffer:
+        state = self._sessions.get(session)
+        if state is None:
+            with self._lock:
+                state = self._sessions.get(session)
+                if state is None:
+                    state = SessionState(weakref.ref(session))
+                    self._sessions[session] = state
+        transaction = (
+            session.get_nested_transaction() or session.get_transaction()
+        )
+        assert transaction is not None
+        buffer = state.buffers.get(transaction)
+        if buffer is None:
+            buffer = state.buffers[transaction] = ChangeBuffer()
+        if state.connection is not connection:
+            state.connection = connection
+            if self.in_transaction:
+                self._by_connection[connection] = state
+        return buffer
+
+    def _after_commit(self, session: Session) -> None:
+        state = self._sessions.get(session)
+        if state is None:
+            return
+        nested = session.get_nested_transaction()
+        if nested is not None:
+            buffer = state.buffers.pop(nested, None)
+            if buffer:
+                parent = _enclosing(nested)
+                into = state.buffers.get(parent)
+                if into is None:
+                    into = state.buffers[parent] = ChangeBuffer()
+                buffer.merge_into(into)
+            return
+        root = session.get_transaction()
+        buffer = state.buffers.pop(root, None) if root is not None else None
+        key = state.reported_key or session_key(session)
+        if self.in_transaction:
+            outcomes, state.outcomes = state.outcomes, []
+            self.applier.report(outcomes, key)
+            if buffer:
+                self._park(state.connection, buffer, key)
+            return
+        if buffer:
+            outcomes = self.applier.apply_after_commit(
+                state.connection, buffer.changes(), key
+            )
+            self.applier.report(outcomes, key)
+
+    def _after_transaction_end(
+        self, session: Session, transaction: SessionTransaction
+    ) -> None:
+        state = self._sessions.get(session)
+        if state is None:
+            return
+        state.buffers.pop(transaction, None)
+        if transaction.parent is None:
+            if state.connection is not None:
+                self._by_connection.pop(state.connection, None)
+            state.connection = None
+            state.outcomes = []
+            state.reported_key = None
+
+    def _park(
+        self, connection: Connection | None, buffer: ChangeBuffer, key: str
+    ) -> None:
+        """Keep changes whose session committed inside an outer transaction.
+
+        A session joined to a connection that the application keeps in its
+        own transaction commits without a database COMMIT; its changes wait
+        for that connection's COMMIT (and are dropped on its rollback).
+        """
+        if connection is None or not connection.in_transaction():
+            outcomes = self.applier.apply_after_commit(
+                connection, buffer.changes(), key
+            )
+            self.applier.report(outcomes, key)
+            return
+        parked = self._parked.get(connection)
+        if parked is None:
+            self._parked[connection] = (buffer, key)
+        else:
+            buffer.merge_into(parked[0])
+
+    def _rollback(self, connection: Connection) -> None:
+        self._parked.pop(connection, None)
+
+    def _commit(self, connection: Connection) -> None:
+        """Sync the session's changes just before the source COMMIT."""
+        parked = self._parked.pop(connection, None)
+        if parked is not None:
+            buffer, key = parked
+            outcomes = self.applier.apply_in_transaction(
+                connection, buffer.changes(), key
+            )
+            self.applier.report(outcomes, key)
+        state = self._by_connection.pop(connection, None)
+        if state is None:
+            return
+        session = state.session()
+        if session is None:
+            return
+        root = session.get_transaction()
+        pending = state.buffers.get(root) if root is not None else None
+        if not pending:
+            return
+        key = session_key(session)
+        state.reported_key = key
+        state.outcomes = self.applier.apply_in_transaction(
+            connection, pending.changes(), key
+        )
+        pending.clear()
+
+    def sessions(self) -> Iterator[SessionState]:
+        """Yield the state of every live session with captured changes."""
+        yield from list(self._sessions.values())

@@ -1,0 +1,137 @@
+"""Database fixtures: a fresh PostgreSQL database per test, and SQLite.
+
+PostgreSQL is reached through pytest-postgresql's no-process fixture, which
+connects to a running server (it never starts one). The server is given by
+SA_DUALWRITE_PG_HOST, SA_DUALWRITE_PG_PORT, SA_DUALWRITE_PG_USER and
+SA_DUALWRITE_PG_PASSWORD, defaulting to postgres@127.0.0.1:5432. If the
+server is down, the PostgreSQL tests fail: they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from psycopg import Connection as PsycopgConnection
+from pytest_postgresql import factories
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL
+
+import sa_dualwrite as dw
+from tests import models
+
+PG_HOST = os.environ.get("SA_DUALWRITE_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("SA_DUALWRITE_PG_PORT", "5432"))
+PG_USER = os.environ.get("SA_DUALWRITE_PG_USER", "postgres")
+PG_PASSWORD = os.environ.get("SA_DUALWRITE_PG_PASSWORD", "")
+
+postgresql_noproc = factories.postgresql_noproc(
+    host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD
+)
+postgresql = factories.postgresql("postgresql_noproc")
+postgresql_v2 = factories.postgresql("postgresql_noproc", dbname="tests_v2")
+
+
+def pg_url(connection: PsycopgConnection) -> URL:
+    """Return the SQLAlchemy URL of a pytest-postgresql database."""
+    return URL.create(
+        "postgresql+psycopg",
+        username=PG_USER,
+        password=PG_PASSWORD or None,
+        host=PG_HOST,
+        port=PG_PORT,
+        database=connection.info.dbname,
+    )
+
+
+def sqlite_engine(path: Path) -> Engine:
+    """Return a file SQLite engine with working SAVEPOINT support.
+
+    pysqlite's own transaction handling defers BEGIN and breaks
+    savepoints; the two listeners below are the recipe from SQLAlchemy's
+    pysqlite documentation.
+    """
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, connection_record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+@dataclass
+class Databases:
+    """The source engine and the target engine of one test."""
+
+    name: str
+    source: Engine
+    target: Engine | None
+
+    @property
+    def target_engine(self) -> Engine:
+        return self.target if self.target is not None else self.source
+
+
+@pytest.fixture
+def pg_engine(postgresql: PsycopgConnection) -> Iterator[Engine]:
+    engine = create_engine(pg_url(postgresql))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_engine_v2(postgresql_v2: PsycopgConnection) -> Iterator[Engine]:
+    engine = create_engine(pg_url(postgresql_v2))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(
+    params=["pg-same", "pg-separate", "sqlite-same", "sqlite-separate"]
+)
+def dbs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databases]:
+    """Source and target databases, in each supported arrangement."""
+    name = request.param
+    engines: list[Engine] = []
+    if name.startswith("pg"):
+        source = request.getfixturevalue("pg_engine")
+        target = (
+            request.getfixturevalue("pg_engine_v2")
+            if name == "pg-separate"
+            else None
+        )
+    else:
+        source = sqlite_engine(tmp_path / "v1.db")
+        engines.append(source)
+        target = None
+        if name == "sqlite-separate":
+            target = sqlite_engine(tmp_path / "v2.db")
+            engines.append(target)
+    databases = Databases(name, source, target)
+    models.V1.metadata.create_all(source)
+    models.V2.metadata.create_all(databases.target_engine)
+    yield databases
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def install(dbs: Databases, tmp_path: Path) -> Iterator[dw.DualWrite]:
+    """Dual write installed with the test mappings, tables created."""
+    handle = dw.install_dual_write(
+        dbs.source,
+        models.mappings(),
+        target=dbs.target,
+        log_file=tmp_path / "logs" / "dual_write.log",
+    )
+    handle.create_tables()
+    yield handle
+    handle.uninstall()
