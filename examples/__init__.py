@@ -1,0 +1,1 @@
+"""Examples of sa_dualwrite in use."""
