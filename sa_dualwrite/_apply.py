@@ -171,7 +171,7 @@ class Applier:
         """Check out a target connection, waiting until ``deadline`` only.
 
         Drivers that talk to a server are connected from a worker thread,
-        so that a server that does not answer cannot hold the caller past
+        so that a server that does not respond cannot hold the caller past
         the budget; a connection that arrives late is closed.
         """
         engine = self.target
@@ -296,14 +296,17 @@ class Applier:
     def take_unrecorded(self) -> list[tuple[Change, str | None]]:
         """Remove and return the changes kept for replay()."""
         with self._lock:
-            taken = list(self.unrecorded)
+            changes = list(self.unrecorded)
             self.unrecorded.clear()
-        return taken
+        return changes
 
     def report(
         self, outcomes: Sequence[Outcome], session_key: str | None
     ) -> None:
-        """Log each outcome and send its signal; never raises."""
+        """Log each outcome and send its signal.
+
+        A receiver that raises is logged, and the other receivers still run.
+        """
         for outcome in outcomes:
             fields = {
                 "mapping": outcome.mapping,

@@ -283,8 +283,10 @@ def replay(handle: DualWrite, ids: Sequence[int] | None) -> list[int]:
                         [row.id for row in batch],
                     )
                 )
-            for key, kept in groupby(unrecorded, key=lambda item: item[1]):
-                work.append((key, [change for change, _ in kept], []))
+            for key, unaudited in groupby(
+                unrecorded, key=lambda item: item[1]
+            ):
+                work.append((key, [change for change, _ in unaudited], []))
             reports = _replay_work(handle, connection, source, work)
     except Exception:
         for change, key in unrecorded:

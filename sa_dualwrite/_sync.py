@@ -9,9 +9,9 @@ a transaction:
 2. loads the cross-reference of every row and of every ref, one SELECT per
    mapping;
 3. writes the target rows in runs of consecutive changes with the same
-   mapping and operation, one savepoint per run; when a run fails, each of
-   its changes is retried alone under its own savepoint, so that one bad
-   row fails alone;
+   mapping and operation, under one savepoint per run. When a run fails,
+   each of its changes is retried alone under its own savepoint, so that
+   one bad row fails alone;
 4. inserts one audit row per change.
 
 What is written is decided by the state of the row, not only by the
@@ -146,16 +146,16 @@ def sync_changes(
 
 def _read_images(source: Connection, plans: list[_Plan]) -> None:
     """Attach the current source row (or None if gone) to each plan."""
-    wanted: dict[str, list[_Plan]] = {}
+    needed: dict[str, list[_Plan]] = {}
     for plan in plans:
         if plan.change.operation == DELETE:
             continue
         if plan.change.values is not None and _complete(plan):
             plan.image = plan.change.values
             continue
-        wanted.setdefault(plan.mapping.name, []).append(plan)
+        needed.setdefault(plan.mapping.name, []).append(plan)
 
-    for group in wanted.values():
+    for group in needed.values():
         mapping = group[0].mapping
         found: dict[tuple[Any, ...], dict[str, Any]] = {}
         keys = list({plan.change.v1_pk for plan in group})
@@ -197,16 +197,16 @@ def _load_cross_references(
     mappings: dict[str, CompiledMapping],
 ) -> dict[str, dict[str, str]]:
     """Load the cross-reference of every row and every ref target."""
-    wanted: dict[str, set[str]] = {}
+    needed: dict[str, set[str]] = {}
     for plan in plans:
-        wanted.setdefault(plan.mapping.name, set()).add(plan.v1_key)
+        needed.setdefault(plan.mapping.name, set()).add(plan.v1_key)
         if plan.image is not None:
             for ref_mapping, value in iter_source_refs(
                 plan.mapping, plan.image
             ):
-                wanted.setdefault(ref_mapping, set()).add(encode_key((value,)))
+                needed.setdefault(ref_mapping, set()).add(encode_key((value,)))
     cache: dict[str, dict[str, str]] = {}
-    for name, keys in wanted.items():
+    for name, keys in needed.items():
         cache[name] = _store.load_xref(target, name, sorted(keys))
     for name in mappings:
         cache.setdefault(name, {})
@@ -351,6 +351,9 @@ def _insert(
     rows = [plan.values for plan in plans]
     dialect = target.dialect
     inserted: list[dict[str, Any]]
+    # NOTE: SQLite has no implicit insert sentinel, so SQLAlchemy sends one
+    # INSERT per row when RETURNING must follow the parameter order. On an
+    # embedded database these are function calls, not network round trips.
     if len(rows) > 1 and getattr(
         dialect, "insert_executemany_returning_sort_by_parameter_order", False
     ):

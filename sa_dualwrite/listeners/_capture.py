@@ -40,7 +40,7 @@ Receiver = tuple[Any, str, Callable[..., Any]]
 
 @dataclass(eq=False)
 class SessionState:
-    """What one install keeps about one session."""
+    """State that one install keeps for one session."""
 
     session: weakref.ref[Session]
     buffers: dict[SessionTransaction, ChangeBuffer] = field(

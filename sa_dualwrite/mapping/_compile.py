@@ -30,7 +30,12 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import NoInspectionAvailable
-from sqlalchemy.orm import ColumnProperty, Mapper, SynonymProperty
+from sqlalchemy.orm import (
+    ColumnProperty,
+    Mapper,
+    RelationshipProperty,
+    SynonymProperty,
+)
 
 from sa_dualwrite._codec import encode_key, python_type
 from sa_dualwrite._errors import MappingError, SyncError
@@ -438,10 +443,15 @@ def _column_property(
             field=field_name,
         )
     if not isinstance(prop, ColumnProperty):
+        kind = (
+            "relationship"
+            if isinstance(prop, RelationshipProperty)
+            else type(prop).__name__
+        )
         raise MappingError(
-            f"{role} attribute {cls_name}.{attr} is a "
-            f"{type(prop).__name__}, not a column; map its column "
-            "attribute (for a relationship, its foreign key column)",
+            f"{role} attribute {cls_name}.{attr} is a {kind}, not a column; "
+            "map a column attribute (for a relationship, its foreign key "
+            "column)",
             mapping=mapping,
             field=field_name,
         )

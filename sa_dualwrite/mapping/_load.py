@@ -26,8 +26,8 @@ __all__ = ["declared_mappings", "load_mappings", "normalize"]
 def load_mappings(path: str | os.PathLike[str]) -> list[Mapping]:
     """Read mappings from a TOML file.
 
-    The file holds an array of tables ``[[mappings]]``, each with ``source``,
-    ``target``, optional ``name`` and ``on_delete``, and a
+    The file contains an array of tables ``[[mappings]]``, each with
+    ``source``, ``target``, optional ``name`` and ``on_delete``, and a
     ``[mappings.fields]`` table. Classes and compute functions are given as
     import strings ``"package.module:name"``. Raises :class:`MappingError`
     naming the file and the problem.
