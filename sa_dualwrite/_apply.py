@@ -122,7 +122,9 @@ class Applier:
 
         ``source_connection`` is the connection the source transaction used,
         still checked out; it reads the committed source rows so that no
-        second source connection is needed. With None, one is opened.
+        second source connection is needed. With None, one is opened. A
+        transaction that the application keeps open on that connection is
+        left as it is; only a read transaction begun here is ended.
         """
         deadline = time.monotonic() + self.timeout
         try:
@@ -131,12 +133,13 @@ class Applier:
             return self._unrecorded_failures(changes, session_key, exc)
         own_source = source_connection is None
         source = source_connection or self.source.connect()
+        owns_read = not source.in_transaction()
         try:
             return self._apply_on(
-                target, source, changes, session_key, deadline
+                target, source, changes, session_key, deadline, owns_read
             )
         finally:
-            _end_read(source, close=own_source)
+            _end_read(source, rollback=owns_read, close=own_source)
             target.close()
 
     def _apply_on(
@@ -146,6 +149,7 @@ class Applier:
         changes: Sequence[Change],
         session_key: str | None,
         deadline: float,
+        owns_read: bool,
     ) -> list[Outcome]:
         try:
             with target.begin():
@@ -162,7 +166,7 @@ class Applier:
                 )
             return outcomes
         except Exception as exc:
-            _end_read(source, close=False)
+            _end_read(source, rollback=owns_read, close=False)
             return self._record_failures(
                 target, changes, session_key, exc, nested=False
             )
@@ -404,10 +408,10 @@ def _one_line(exc: BaseException) -> str:
     )
 
 
-def _end_read(connection: Connection, *, close: bool) -> None:
+def _end_read(connection: Connection, *, rollback: bool, close: bool) -> None:
     """End the read transaction begun on a source connection."""
     try:
-        if connection.in_transaction():
+        if rollback and connection.in_transaction():
             connection.rollback()
     finally:
         if close:

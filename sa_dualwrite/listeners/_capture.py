@@ -80,8 +80,8 @@ class CaptureListeners:
         self._sessions: weakref.WeakKeyDictionary[Session, SessionState] = (
             weakref.WeakKeyDictionary()
         )
-        self._by_connection: dict[Connection, SessionState] = {}
-        self._parked: dict[Connection, tuple[ChangeBuffer, str]] = {}
+        self._by_connection: dict[Connection, list[SessionState]] = {}
+        self._parked: dict[Connection, list[tuple[ChangeBuffer, str]]] = {}
         self._lock = threading.Lock()
         self._registered: list[Receiver] = []
 
@@ -250,7 +250,7 @@ class CaptureListeners:
         if state.connection is not connection:
             state.connection = connection
             if self.in_transaction:
-                self._by_connection[connection] = state
+                self._by_connection.setdefault(connection, []).append(state)
         return buffer
 
     def _after_commit(self, session: Session) -> None:
@@ -291,10 +291,18 @@ class CaptureListeners:
         state.buffers.pop(transaction, None)
         if transaction.parent is None:
             if state.connection is not None:
-                self._by_connection.pop(state.connection, None)
+                self._forget_connection(state)
             state.connection = None
             state.outcomes = []
             state.reported_key = None
+
+    def _forget_connection(self, state: SessionState) -> None:
+        assert state.connection is not None
+        states = self._by_connection.get(state.connection)
+        if states is not None and state in states:
+            states.remove(state)
+            if not states:
+                del self._by_connection[state.connection]
 
     def _park(
         self, connection: Connection | None, buffer: ChangeBuffer, key: str
@@ -311,27 +319,29 @@ class CaptureListeners:
             )
             self.applier.report(outcomes, key)
             return
-        parked = self._parked.get(connection)
-        if parked is None:
-            self._parked[connection] = (buffer, key)
-        else:
-            buffer.merge_into(parked[0])
+        parked = self._parked.setdefault(connection, [])
+        for earlier, earlier_key in parked:
+            if earlier_key == key:
+                buffer.merge_into(earlier)
+                return
+        parked.append((buffer, key))
 
     def _rollback(self, connection: Connection) -> None:
         self._parked.pop(connection, None)
 
     def _commit(self, connection: Connection) -> None:
-        """Sync the session's changes just before the source COMMIT."""
-        parked = self._parked.pop(connection, None)
-        if parked is not None:
-            buffer, key = parked
+        """Sync the changes of ``connection`` just before its COMMIT."""
+        for buffer, key in self._parked.pop(connection, []):
             outcomes = self.applier.apply_in_transaction(
                 connection, buffer.changes(), key
             )
             self.applier.report(outcomes, key)
-        state = self._by_connection.pop(connection, None)
-        if state is None:
-            return
+        for state in self._by_connection.pop(connection, []):
+            self._sync_session(connection, state)
+
+    def _sync_session(
+        self, connection: Connection, state: SessionState
+    ) -> None:
         session = state.session()
         if session is None:
             return
