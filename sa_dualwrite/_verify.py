@@ -119,16 +119,20 @@ class MappingReport:
 
     def summary(self) -> str:
         """Return one line with the row counts and the mismatches."""
+        tables = f"{self.source_table} -> {self.target_table}"
+        if self.mapping != self.source_table:
+            tables = f"{self.mapping} ({tables})"
         head = (
-            f"{self.mapping} ({self.source_table} -> {self.target_table}): "
-            f"{self.source_rows} source rows, {self.target_rows} target rows"
+            f"{tables}: {self.source_rows} source rows, "
+            f"{self.target_rows} target rows"
         )
         if self.agrees:
             return f"{head}, agree"
         kinds = ", ".join(
             f"{count} {kind}" for kind, count in self.counts.items() if count
         )
-        return f"{head}, {self.mismatch_count} mismatches ({kinds})"
+        noun = "mismatch" if self.mismatch_count == 1 else "mismatches"
+        return f"{head}, {self.mismatch_count} {noun} ({kinds})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +382,9 @@ def _compare_batch(
         except SyncError as exc:
             collector.add(Mismatch(UNMAPPABLE, v1_key, v2_key, str(exc)))
             continue
+        # NOTE: values compare with ==, so an aware source datetime differs
+        # from the naive value of a target column that drops time zones
+        # (any SQLite DateTime).
         columns = {
             column: (value, row.get(column))
             for column, value in expected.items()
