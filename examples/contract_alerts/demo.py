@@ -106,7 +106,8 @@ def _run(databases: DemoDatabases) -> int:
         ids = _import(databases, records, issues)
         _amend(databases, records, ids)
         ended = _review(databases, records, ids)
-        planned = _provoke_failure(databases, dual_write, ended[0], signals)
+        contract = ended[0] if ended else records[0]
+        planned = _provoke_failure(databases, dual_write, contract, signals)
         planned = _revert_mistake(databases, dual_write, signals) and planned
         agrees = print_report(databases, dual_write)
     finally:
@@ -348,6 +349,28 @@ def _revert_mistake(
 ) -> bool:
     """Revert the V2 insert of an alert deleted from V1 outside the ORM."""
     print("\n5. A revert")
+    created = _create_test_alert(signals)
+    if created is None:
+        return False
+    alerta_id, audit_id = created
+
+    with databases.v1.begin() as connection:
+        connection.execute(delete(Alerta).where(Alerta.id == alerta_id))
+    print(f"   V1 alert {alerta_id} was created by mistake, then deleted")
+    print("   with plain SQL, which the ORM and the dual write do not see")
+    _print_check(dual_write)
+
+    (revert_id,) = dual_write.revert(audit_id)
+    print(
+        f"   revert audit row {audit_id} (its V2 insert): "
+        f"new audit row {revert_id}"
+    )
+    print("   deleted the V2 row and its cross-reference")
+    return dual_write.v2_id("alertas", alerta_id) is None
+
+
+def _create_test_alert(signals: _Signals) -> tuple[int, int] | None:
+    """Create a test alert; return its V1 id and its insert's audit id."""
     signals.applied.clear()
     with dw.acting_as("suporte.sistemas"):
         alerta_id = service.criar_alerta_dual(
@@ -357,16 +380,12 @@ def _revert_mistake(
                 "responsavel": "suporte.sistemas",
             }
         )
-    (inserted,) = signals.applied
-    with databases.v1.begin() as connection:
-        connection.execute(delete(Alerta).where(Alerta.id == alerta_id))
-    print(f"   V1 alert {alerta_id} was created by mistake, then deleted")
-    print("   with plain SQL, which the ORM and the dual write do not see")
-    _print_check(dual_write)
-    (revert_id,) = dual_write.revert(inserted["audit_id"])
-    print(
-        f"   revert audit row {inserted['audit_id']} (its V2 insert): "
-        f"new audit row {revert_id}"
-    )
-    print("   deleted the V2 row and its cross-reference")
-    return dual_write.v2_id("alertas", alerta_id) is None
+    inserts = [
+        fields["audit_id"]
+        for fields in signals.applied
+        if fields["v1_pk"] == str(alerta_id) and fields["mapping"] == "alertas"
+    ]
+    if len(inserts) != 1:
+        print(f"   expected one applied insert, got {len(inserts)}")
+        return None
+    return alerta_id, int(inserts[0])
