@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import registry as Registry
 
-from sa_dualwrite import _revert, _store
+from sa_dualwrite import _revert, _store, _verify
 from sa_dualwrite._apply import Applier
 from sa_dualwrite._codec import decode_key, encode_key
 from sa_dualwrite._errors import DualWriteError
@@ -193,6 +193,32 @@ class DualWrite:
         the ids of the new audit rows.
         """
         return _revert.replay(self, None if ids is None else list(ids))
+
+    def verify(
+        self,
+        *,
+        batch_size: int = _verify.DEFAULT_BATCH_SIZE,
+        max_mismatches: int = _verify.DEFAULT_MAX_MISMATCHES,
+    ) -> _verify.VerifyReport:
+        """Compare the source and target rows of every mapping.
+
+        Each source row must have a cross-referenced target row whose mapped
+        columns equal what the mapping computes from the source row now. A
+        cross-reference whose source row is gone must have been handled as
+        ``on_delete`` requires, and every row of a target table must be
+        cross-referenced. Rows are read in batches of ``batch_size``, each
+        batch in its own short transaction; nothing is written. Changes
+        still being synced show as mismatches, so check a mismatch again
+        before acting on it.
+
+        Returns a :class:`~sa_dualwrite._verify.VerifyReport` with one
+        report per mapping: row counts, the number of mismatches of each
+        kind (``missing``, ``different``, ``extra``, ``stale``,
+        ``unmappable``) and the first ``max_mismatches`` of them.
+        """
+        return _verify.verify(
+            self, batch_size=batch_size, max_mismatches=max_mismatches
+        )
 
     @property
     def applier(self) -> Applier:

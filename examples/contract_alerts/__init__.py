@@ -1,0 +1,1 @@
+"""The contract-alert example: models, mappings, service and demo."""
