@@ -16,6 +16,7 @@ from sa_dualwrite._errors import (
 )
 from sa_dualwrite._install import DualWrite, install_dual_write
 from sa_dualwrite._store import metadata, outbox_metadata
+from sa_dualwrite._verify import MappingReport, Mismatch, VerifyReport
 from sa_dualwrite.mapping import (
     Mapping,
     compute,
@@ -33,8 +34,11 @@ __all__ = [
     "DualWriteError",
     "Mapping",
     "MappingError",
+    "MappingReport",
+    "Mismatch",
     "RevertConflict",
     "SyncError",
+    "VerifyReport",
     "__version__",
     "acting_as",
     "compute",

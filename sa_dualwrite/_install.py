@@ -211,7 +211,7 @@ class DualWrite:
         still being synced show as mismatches, so check a mismatch again
         before acting on it.
 
-        Returns a :class:`~sa_dualwrite._verify.VerifyReport` with one
+        Returns a :class:`~sa_dualwrite.VerifyReport` with one
         report per mapping: row counts, the number of mismatches of each
         kind (``missing``, ``different``, ``extra``, ``stale``,
         ``unmappable``) and the first ``max_mismatches`` of them.
