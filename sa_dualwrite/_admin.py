@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, inspect, select
 
 from sa_dualwrite import _outbox, _revert, _store
-from sa_dualwrite._errors import DualWriteError, RevertConflict
+from sa_dualwrite._errors import DualWriteError
 
 if TYPE_CHECKING:
     from sa_dualwrite._install import DualWrite
@@ -135,6 +135,7 @@ def audit_rows(
     v1_pk: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    ids: Sequence[int] | None = None,
     limit: int | None = 100,
 ) -> list[dict[str, Any]]:
     """Return audit rows, newest first; see DualWrite.audit_rows."""
@@ -159,6 +160,8 @@ def audit_rows(
     for column, value in filters.items():
         if value is not None:
             query = query.where(audit.c[column] == value)
+    if ids is not None:
+        query = query.where(audit.c.id.in_(list(ids)))
     if since is not None:
         query = query.where(audit.c.created_at >= since)
     if until is not None:
@@ -262,17 +265,3 @@ def replay_durable(handle: DualWrite, ids: Sequence[int] | None) -> list[int]:
         "replay_requeued", requeued=len(requeued), replayed=len(unlinked)
     )
     return new_ids
-
-
-def require_conflict_free(steps: Sequence[RevertStep]) -> None:
-    """Raise RevertConflict for the first step that needs ``force``."""
-    for step in steps:
-        if step.conflict:
-            raise RevertConflict(
-                f"target row {step.table} key {step.v2_pk} changed after "
-                f"audit row {step.audit_id} was applied; inspect it, then "
-                "revert with force to overwrite it",
-                audit_id=step.audit_id,
-                expected=None,
-                current=step.current,
-            )

@@ -278,8 +278,8 @@ class DualWrite:
 
         Filters: ``mapping``, ``status``, ``operation``, ``session_key``,
         ``v1_pk`` (the key as stored, text), ``since`` and ``until``
-        (aware datetimes; ``until`` is exclusive) and ``limit`` (default
-        100, None for all).
+        (aware datetimes; ``until`` is exclusive), ``ids`` (audit ids) and
+        ``limit`` (default 100, None for all).
         """
         return _admin.audit_rows(self, **filters)
 
