@@ -17,10 +17,12 @@ commit's outbox rows:
   sync writes the target from the current source row, but it would write
   a second audit row for the change.
 
-A sync that fails as a whole (the target is unreachable, a lock wait or the
-time budget ran out before anything was written) leaves the rows
-``pending`` for the drain without counting an attempt; a change that fails
-alone counts an attempt and is retried by the drain with backoff.
+A sync that fails as a whole (the target is unreachable, the connection
+broke, the audit could not be written) leaves the rows ``pending`` for the
+drain without counting an attempt, and logs one ``sync_deferred`` event; a
+change that fails alone (a constraint, a lock wait that timed out) counts
+an attempt, writes a ``failed`` audit row and is retried by the drain with
+backoff.
 """
 
 from __future__ import annotations
@@ -262,40 +264,37 @@ class DurableApplier(Applier):
         *,
         nested: bool,
     ) -> list[Outcome]:
-        """Report a sync that failed as a whole; its rows stay pending."""
-        message = (
-            f"sync failed, the change stays pending in the outbox: "
-            f"{one_line(exc)}"
+        """Log a sync that failed as a whole; its rows stay pending.
+
+        One ``sync_deferred`` event is logged for the whole commit, not a
+        ``change_failed`` per change: nothing failed for good, and the
+        drain sends ``change_applied`` or ``change_failed`` later.
+        """
+        message = f"sync deferred to the drain: {one_line(exc)}"
+        self.logger.warning(
+            "sync_deferred",
+            error=one_line(exc),
+            changes=len(changes),
+            transaction_key=transaction_key,
         )
-        if connection is not None and transaction_key is not None:
-            try:
-                begin = (
-                    connection.begin_nested
-                    if nested or connection.in_transaction()
-                    else connection.begin
-                )
-                with begin():
-                    _outbox.note_error(
-                        connection,
-                        error=message,
-                        transaction_key=transaction_key,
-                    )
-            except Exception as note_exc:
-                self.logger.error(
-                    "outbox_update_failed",
-                    error=one_line(note_exc),
-                    exc_info=note_exc,
-                    transaction_key=transaction_key,
-                    changes=len(changes),
-                )
-        return [
-            Outcome(
-                change,
-                change.operation,
-                "failed",
-                encode_key(change.v1_pk),
-                error=message,
-                exception=exc,
+        if connection is None or transaction_key is None:
+            return []
+        try:
+            begin = (
+                connection.begin_nested
+                if nested or connection.in_transaction()
+                else connection.begin
             )
-            for change in changes
-        ]
+            with begin():
+                _outbox.note_error(
+                    connection, error=message, transaction_key=transaction_key
+                )
+        except Exception as note_exc:
+            self.logger.error(
+                "outbox_update_failed",
+                error=one_line(note_exc),
+                exc_info=note_exc,
+                transaction_key=transaction_key,
+                changes=len(changes),
+            )
+        return []
