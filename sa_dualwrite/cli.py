@@ -5,7 +5,8 @@ options (or a TOML config) and calls one of its methods; the formatting of
 the result is all that happens here.
 
 Exit codes: 0 success, 1 an error (printed as one line on stderr), 2 a
-usage error, 3 a revert conflict.
+usage error, 3 a revert conflict, 4 a replay after which some changes
+still fail.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = ["main"]
 
 EXIT_ERROR = 1
 EXIT_CONFLICT = 3
+EXIT_STILL_FAILING = 4
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -410,6 +412,10 @@ def _print_steps(steps: Sequence[Any], force: bool) -> None:
     )
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _diff(
     current: dict[str, Any] | None, restored: dict[str, Any] | None
 ) -> list[str]:
@@ -418,9 +424,9 @@ def _diff(
     if restored is None:
         return ["row would be deleted"]
     if current is None:
-        return ["row would be inserted: " + json.dumps(restored)]
+        return ["row would be inserted: " + _json(restored)]
     changed = [
-        f"{column}: {json.dumps(current.get(column))} -> {json.dumps(value)}"
+        f"{column}: {_json(current.get(column))} -> {_json(value)}"
         for column, value in restored.items()
         if current.get(column) != value
     ]
@@ -442,6 +448,7 @@ def replay(
 ) -> None:
     """Retry failed changes from the current V1 rows: every one, or the
     AUDIT_IDS given. Parked outbox changes are requeued and applied.
+    Exits with 4 when some changes failed again.
     """
     ids = list(audit_ids) or None
     with _handle(params) as handle:
@@ -455,6 +462,8 @@ def replay(
         f"replayed {len(new_ids)} changes: {len(new_ids) - len(failed)} "
         f"applied, {len(failed)} failed"
     )
+    if failed:
+        sys.exit(EXIT_STILL_FAILING)
 
 
 @main.command()

@@ -173,7 +173,7 @@ def test_revert_dry_run(app: dw.DualWrite, tmp_path: Path) -> None:
     result = run(app, tmp_path, "revert", str(update_id), "--dry-run")
 
     assert result.exit_code == 0
-    assert 'title: "Novo t\\u00edtulo" -> "Alerta de renova' in result.output
+    assert 'title: "Novo título" -> "Alerta de renovação"' in result.output
     assert "nothing was written" in result.output
     assert alert_for(app, alerta_id).title == "Novo título"
     assert audit_rows(app.target, id=update_id)[0].status == "applied"
@@ -409,3 +409,13 @@ def test_worker_stops_on_sigterm(app: dw.DualWrite, tmp_path: Path) -> None:
     assert "worker stopped: 1 applied" in stdout
     assert "worker_stopped" in stderr
     assert "worker_stopped" in events
+
+
+def test_replay_still_failing(app: dw.DualWrite, tmp_path: Path) -> None:
+    """replay exits 4 when a change fails again."""
+    rejected(app)
+
+    result = run(app, tmp_path, "replay")
+
+    assert result.exit_code == 4
+    assert result.output.strip() == "replayed 1 changes: 0 applied, 1 failed"
