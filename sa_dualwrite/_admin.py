@@ -180,7 +180,7 @@ def audit_rows(
 
 @dataclass(frozen=True)
 class RevertStep:
-    """What reverting one audit row would do to its target row.
+    """Effect of reverting one audit row on its target row.
 
     ``current`` is the target row now and ``restored`` the row after the
     revert (None: absent). ``conflict`` is true when the row changed since

@@ -37,7 +37,7 @@ __all__ = ["CliConfig", "load_config", "make_engine", "resolve_mappings"]
 
 
 class CliConfig(BaseModel):
-    """What the command line connects to and which mappings it installs."""
+    """Settings of the command line: databases, mappings, install options."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -55,7 +55,7 @@ DEFAULT_BATCH_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class DrainResult:
-    """What one drain did, counted in outbox rows.
+    """Counts of the outbox rows that one drain handled.
 
     ``applied`` rows became ``done``; ``failed`` rows failed an attempt and
     wait for a retry; ``parked`` rows failed their last attempt. ``error``

@@ -373,7 +373,7 @@ def install_dual_write(
             is parked as ``failed`` until a replay.
         retry_delay: durable mode: seconds before the first retry of a
             failed change; each further retry waits twice as long.
-        retry_delay_max: durable mode: the longest wait between two
+        retry_delay_max: durable mode: the maximum wait between two
             attempts, in seconds.
 
     Raises:

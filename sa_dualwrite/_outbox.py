@@ -160,8 +160,8 @@ def insert_rows(
 def _own_rows(transaction_key: str, skip_locked: bool) -> Any:
     """Return a subquery of the pending rows of one source transaction.
 
-    With ``skip_locked`` the rows that a drain holds are left out: that
-    drain finds the applied record and marks them itself.
+    With ``skip_locked`` the rows that a drain has locked are left out,
+    because that drain finds the applied record and marks them itself.
     """
     query = select(outbox.c.id).where(
         outbox.c.transaction_key == transaction_key,

@@ -1,4 +1,4 @@
-"""A loop that drains the outbox until it is told to stop.
+"""A loop that drains the outbox until stopped.
 
 :class:`Worker` runs :meth:`DualWrite.drain` again and again: at once while
 batches make progress, after ``idle`` seconds when the outbox is empty, and

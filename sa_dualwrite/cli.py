@@ -47,7 +47,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def connection_options(command: Command) -> Command:
-    """Add the options that say where the databases and mappings are."""
+    """Add the options that name the databases and the mappings."""
     options = [
         click.option(
             "--config",
@@ -229,7 +229,7 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_time(text: str) -> dt.datetime:
-    """Parse an ISO 8601 time (UTC unless it says otherwise) or a
+    """Parse an ISO 8601 time (UTC unless it has an offset) or a
     duration such as ``30m`` meaning that long ago.
     """
     match = _DURATION.match(text.strip())
@@ -495,7 +495,7 @@ def replay(
     type=click.FloatRange(min=0, min_open=True),
     default=60.0,
     show_default=True,
-    help="Longest wait, in seconds, between drains while they fail (V2 "
+    help="Maximum wait, in seconds, between drains while they fail (V2 "
     "unreachable); the wait doubles from --idle up to this.",
 )
 @click.option(
@@ -516,7 +516,7 @@ def replay(
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
-    help="Least severe log event printed on stderr.",
+    help="Minimum level of the log events printed on stderr.",
 )
 @_errors_to_exit_codes
 def worker(

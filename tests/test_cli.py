@@ -419,3 +419,32 @@ def test_replay_still_failing(app: dw.DualWrite, tmp_path: Path) -> None:
 
     assert result.exit_code == 4
     assert result.output.strip() == "replayed 1 changes: 0 applied, 1 failed"
+
+
+def test_config_inline_mappings(app: dw.DualWrite, tmp_path: Path) -> None:
+    """A config file may hold its mappings as [[mappings]] tables."""
+    config = tmp_path / "sa-dualwrite.toml"
+    config.write_text(
+        f'v1_url = "{url(app.engine)}"\n'
+        f'v2_url = "{url(app.target)}"\n'
+        f'log_file = "{tmp_path / "cli.log"}"\n'
+        "[[mappings]]\n"
+        'name = "alertas"\n'
+        'source = "tests.models:Alerta"\n'
+        'target = "tests.models:Alert"\n'
+        "[mappings.fields]\n"
+        'contract_ref = "contrato_id"\n'
+        'title = "titulo"\n'
+        'owner_login = "responsavel"\n'
+        'state = { from = "status", values = { ativo = "active" } }\n'
+        'created_at = "criado_em"\n'
+    )
+    alerta_id = leave_pending(app)
+
+    result = CliRunner().invoke(
+        main, ["worker", "--config", str(config), "--once"]
+    )
+
+    assert result.exit_code == 0
+    assert "1 applied" in result.output
+    assert app.v2_id("alertas", alerta_id) is not None
