@@ -228,10 +228,12 @@ def _apply_elsewhere(
         with target.begin():
             applier._begin_write(target)
             applier._set_timeouts(target, deadline)
+            # Lock first, so that a sync of these rows still running
+            # elsewhere has committed its applied record when it is read.
+            applier.lock_rows(target, _changes(_plan(handle, rows, set())))
             keys = {row.transaction_key for row in rows}
             recorded = _outbox.load_applied(target, keys)
             batch = _plan(handle, rows, recorded)
-            applier.lock_rows(target, _changes(batch))
             _sync(handle, reader, target, batch, deadline)
             _outbox.insert_applied(
                 target,

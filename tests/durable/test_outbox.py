@@ -7,11 +7,11 @@ from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
-from sa_dualwrite._store import outbox_table
+from sa_dualwrite._store import outbox_applied_table, outbox_table
 from tests import models
 from tests.conftest import Databases
 from tests.durable.helpers import leave_pending, outbox_rows
-from tests.helpers import alert_for, alerts, audit_rows
+from tests.helpers import alert_for, alerts, audit_rows, count
 
 
 def test_commit_marks_outbox_done(
@@ -228,3 +228,19 @@ def test_status_counts_rows(dbs: Databases, durable: dw.DualWrite) -> None:
     assert alertas.lag >= 0
     assert by_name["acoes"].pending == 0
     assert by_name["acoes"].lag is None
+
+
+def test_prune_deletes_done_rows(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """prune() deletes done rows and the applied records they needed."""
+    leave_pending(durable)
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta())
+        session.commit()
+
+    deleted = durable.prune(0)
+
+    assert deleted == 1
+    assert [row.status for row in outbox_rows(dbs.source)] == ["pending"]
+    assert count(dbs.target_engine, outbox_applied_table) == 0
