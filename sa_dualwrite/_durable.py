@@ -222,6 +222,10 @@ class DurableApplier(Applier):
         A session joined to a transaction that the application keeps open
         marks them inside that transaction, under a savepoint.
         """
+        # NOTE: rows that a drain has locked are skipped here. If this sync
+        # failed a change that the drain then applies, the failed audit row
+        # written here stays "failed" (no outbox row links to it) until a
+        # replay, which then finds the change applied.
         try:
             begin = (
                 source.begin_nested

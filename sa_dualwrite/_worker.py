@@ -62,6 +62,8 @@ class Worker:
         logger = self.handle.logger
         logger.info("worker_started", batch_size=self.batch_size, once=once)
         pause = self.idle
+        # TODO: wake on PostgreSQL LISTEN/NOTIFY from the outbox insert
+        # instead of polling every `idle` seconds.
         while not self._stopping.is_set():
             result = self._drain_once()
             if once:
