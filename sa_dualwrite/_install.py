@@ -12,12 +12,16 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import registry as Registry
 
-from sa_dualwrite import _revert, _store, _verify
+from sa_dualwrite import _admin, _drain, _outbox, _revert, _store, _verify
+from sa_dualwrite._admin import MappingStatus, RevertStep
 from sa_dualwrite._apply import Applier
 from sa_dualwrite._codec import decode_key, encode_key
+from sa_dualwrite._drain import DrainResult
+from sa_dualwrite._durable import DurableApplier
 from sa_dualwrite._errors import DualWriteError
 from sa_dualwrite._logging import JsonLinesFile, make_logger
 from sa_dualwrite.listeners._capture import CaptureListeners
+from sa_dualwrite.listeners._outbox import OutboxWriter
 from sa_dualwrite.mapping._compile import CompiledMapping, compile_all
 from sa_dualwrite.mapping._load import normalize
 
@@ -64,26 +68,42 @@ class DualWrite:
         mappings: dict[str, CompiledMapping],
         log_file: str | os.PathLike[str] | None,
         v2_timeout: float,
+        durable: bool = False,
+        policy: _outbox.RetryPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.target = target
         self.v2_timeout = v2_timeout
+        self.durable = durable
+        self.policy = policy or _outbox.RetryPolicy()
         self._mappings = mappings
         self.logger, self._log_sink = make_logger(log_file)
         self.log_file = None if self._log_sink is None else self._log_sink.path
         self.in_transaction = target is engine
-        self._applier = Applier(
-            source=engine,
-            target=target,
-            mappings=mappings,
-            timeout=v2_timeout,
-            logger=self.logger,
+        self._applier = (
+            DurableApplier(
+                source=engine,
+                target=target,
+                mappings=mappings,
+                timeout=v2_timeout,
+                logger=self.logger,
+                policy=self.policy,
+            )
+            if durable
+            else Applier(
+                source=engine,
+                target=target,
+                mappings=mappings,
+                timeout=v2_timeout,
+                logger=self.logger,
+            )
         )
         self._listeners = CaptureListeners(
             engine=engine,
             mappings=mappings,
             applier=self._applier,
             in_transaction=self.in_transaction,
+            outbox=OutboxWriter() if durable else None,
         )
         self.installed = False
 
@@ -99,6 +119,7 @@ class DualWrite:
             "dual_write_installed",
             mappings=sorted(self._mappings),
             mode="in_transaction" if self.in_transaction else "after_commit",
+            durable=self.durable,
             source=self.engine.url.render_as_string(hide_password=True),
             target=self.target.url.render_as_string(hide_password=True),
         )
@@ -192,7 +213,94 @@ class DualWrite:
         and each retry writes a new row, ``applied`` or ``failed``. Returns
         the ids of the new audit rows.
         """
-        return _revert.replay(self, None if ids is None else list(ids))
+        wanted = None if ids is None else list(ids)
+        if self.durable:
+            return _admin.replay_durable(self, wanted)
+        return _revert.replay(self, wanted)
+
+    def drain(
+        self,
+        *,
+        batch_size: int = _drain.DEFAULT_BATCH_SIZE,
+        timeout: float = _drain.DEFAULT_BATCH_TIMEOUT,
+    ) -> DrainResult:
+        """Apply every due pending outbox change, oldest first per row.
+
+        Walks the outbox once, in batches of ``batch_size`` rows, each with
+        a time budget of ``timeout`` seconds on the target. Changes waiting
+        for a retry whose time has not come are left for a later drain.
+        Several drains may run at once, in threads, processes or machines
+        sharing the source database, without applying a change twice.
+        Stops early, leaving the rows pending, when a batch fails as a
+        whole (the target is unreachable, for example); errors of the
+        source database are raised. Returns the counts of rows applied,
+        failed (to be retried) and parked.
+        """
+        if batch_size < 1 or not timeout > 0:
+            raise DualWriteError(
+                f"drain() needs batch_size >= 1 and timeout > 0 seconds, got "
+                f"{batch_size!r} and {timeout!r}"
+            )
+        return _drain.drain(self, batch_size=batch_size, timeout=timeout)
+
+    def requeue(self, ids: Iterable[int] | None = None) -> int:
+        """Put parked outbox changes back in the queue, due now.
+
+        Without ``ids`` every parked change is requeued; with audit ids,
+        the changes whose last attempt wrote those audit rows. The changes
+        are applied by the next drain. Returns how many outbox rows were
+        requeued.
+        """
+        with self.engine.begin() as connection:
+            requeued = _outbox.requeue(
+                connection, None if ids is None else list(ids)
+            )
+        self.logger.info("outbox_requeued", rows=len(requeued))
+        return len(requeued)
+
+    def prune(self, older_than: float) -> int:
+        """Delete outbox rows done more than ``older_than`` seconds ago.
+
+        Also deletes the target's records of applied outbox changes that no
+        longer need them. Returns the number of outbox rows deleted.
+        """
+        return _drain.prune(self, older_than=older_than)
+
+    def status(self) -> list[MappingStatus]:
+        """Return the sync state of each mapping: pending, parked,
+        applied and failed counts and the lag, the age in seconds of the
+        oldest pending outbox change.
+        """
+        return _admin.status(self)
+
+    def audit_rows(self, **filters: Any) -> list[dict[str, Any]]:
+        """Return audit rows, newest first, as dicts.
+
+        Filters: ``mapping``, ``status``, ``operation``, ``session_key``,
+        ``v1_pk`` (the key as stored, text), ``since`` and ``until``
+        (aware datetimes; ``until`` is exclusive), ``ids`` (audit ids) and
+        ``limit`` (default 100, None for all).
+        """
+        return _admin.audit_rows(self, **filters)
+
+    def preview_revert(
+        self, audit_id: int | None = None, *, session_key: str | None = None
+    ) -> list[RevertStep]:
+        """Return what ``revert`` would change, without changing anything.
+
+        Takes the same arguments as :meth:`revert` and raises the same
+        :class:`~sa_dualwrite.DualWriteError` for rows that cannot be
+        reverted; a row that changed since is returned with ``conflict``
+        set instead of raising.
+        """
+        if (audit_id is None) == (session_key is None):
+            raise DualWriteError(
+                "preview_revert() needs exactly one of audit_id or "
+                "session_key="
+            )
+        return _admin.preview_revert(
+            self, audit_id=audit_id, session_key=session_key
+        )
 
     def verify(
         self,
@@ -263,6 +371,10 @@ def install_dual_write(
     *,
     base: type[DeclarativeBase] | Registry | None = None,
     v2_timeout: float = DEFAULT_V2_TIMEOUT,
+    durable: bool = False,
+    max_attempts: int = _outbox.DEFAULT_MAX_ATTEMPTS,
+    retry_delay: float = _outbox.DEFAULT_RETRY_DELAY,
+    retry_delay_max: float = _outbox.DEFAULT_RETRY_DELAY_MAX,
 ) -> DualWrite:
     """Watch the ORM sessions of ``engine`` and sync their writes to V2.
 
@@ -279,6 +391,16 @@ def install_dual_write(
             ``__dual_write__`` declarations.
         v2_timeout: seconds that connecting to the target, waiting for its
             locks and running its statements may take per commit.
+        durable: write each change to the ``dualwrite_outbox`` table in
+            the source transaction, so that nothing is lost when the sync
+            after the commit does not happen; ``drain()`` applies what is
+            left pending.
+        max_attempts: durable mode: failed attempts after which a change
+            is parked as ``failed`` until a replay.
+        retry_delay: durable mode: seconds before the first retry of a
+            failed change; each further retry waits twice as long.
+        retry_delay_max: durable mode: the maximum wait between two
+            attempts, in seconds.
 
     Raises:
         MappingError: a mapping is invalid; nothing is installed.
@@ -293,6 +415,7 @@ def install_dual_write(
             f"v2_timeout must be a positive number of seconds, got "
             f"{v2_timeout!r}"
         )
+    policy = _outbox.RetryPolicy(max_attempts, retry_delay, retry_delay_max)
     compiled = compile_all(normalize(mappings, base=base))
     with _installed_lock:
         existing = _installed.get(source)
@@ -307,6 +430,8 @@ def install_dual_write(
             mappings=compiled,
             log_file=log_file,
             v2_timeout=v2_timeout,
+            durable=durable,
+            policy=policy,
         )
         try:
             handle._install()

@@ -34,6 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 __all__ = [
     "audit_table",
     "metadata",
+    "outbox_applied_table",
     "outbox_metadata",
     "outbox_table",
     "utcnow",
@@ -49,6 +50,7 @@ _Key = String(500)
 
 OPERATIONS = ("insert", "update", "delete", "revert")
 STATUSES = ("applied", "failed", "reverted", "replayed")
+OUTBOX_STATUSES = ("pending", "done", "failed")
 
 
 def utcnow() -> dt.datetime:
@@ -57,7 +59,8 @@ def utcnow() -> dt.datetime:
 
 
 metadata = MetaData()
-"""Target-side tables: ``dualwrite_audit`` and ``dualwrite_xref``."""
+"""Target-side tables: ``dualwrite_audit``, ``dualwrite_xref`` and
+``dualwrite_outbox_applied``."""
 
 outbox_metadata = MetaData()
 """Source-side table: ``dualwrite_outbox``."""
@@ -105,6 +108,10 @@ outbox_table = Table(
     Column(
         "created_at", DateTime(timezone=True), nullable=False, default=utcnow
     ),
+    # Random key shared by the rows of one source transaction; it tells the
+    # rows of a committed transaction apart from rows whose id a rolled-back
+    # savepoint left free for reuse (SQLite reuses such ids).
+    Column("transaction_key", String(32), nullable=False),
     Column("session_key", _Name),
     Column("actor", _Name),
     Column("mapping", _Name, nullable=False),
@@ -115,9 +122,28 @@ outbox_table = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("last_error", Text),
+    Column("audit_id", _BigId),
     Column("done_at", DateTime(timezone=True)),
     Index("ix_dualwrite_outbox_status", "status", "id"),
+    Index("ix_dualwrite_outbox_transaction_key", "transaction_key"),
+    sqlite_autoincrement=True,
 )
+
+outbox_applied_table = Table(
+    "dualwrite_outbox_applied",
+    metadata,
+    Column("transaction_key", String(32), primary_key=True),
+    Column("mapping", _Name, primary_key=True),
+    Column("v1_pk", _Key, primary_key=True),
+    Column(
+        "applied_at", DateTime(timezone=True), nullable=False, default=utcnow
+    ),
+)
+"""Outbox changes applied to a target in another database.
+
+Written in the target transaction that applies them, so that a drain after
+a crash between that commit and the outbox update knows they are done.
+"""
 
 _select_xref = select(xref_table.c.v1_pk, xref_table.c.v2_pk).where(
     xref_table.c.mapping == bindparam("mapping"),

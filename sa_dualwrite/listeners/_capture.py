@@ -31,6 +31,7 @@ from sa_dualwrite._apply import Applier
 from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change, ChangeBuffer
 from sa_dualwrite._context import current_actor, session_key
 from sa_dualwrite._sync import Outcome
+from sa_dualwrite.listeners._outbox import OutboxWriter
 from sa_dualwrite.mapping._compile import CompiledMapping
 
 __all__ = ["CaptureListeners", "SessionState"]
@@ -71,11 +72,13 @@ class CaptureListeners:
         mappings: dict[str, CompiledMapping],
         applier: Applier,
         in_transaction: bool,
+        outbox: OutboxWriter | None = None,
     ) -> None:
         self.engine = engine
         self.mappings = mappings
         self.applier = applier
         self.in_transaction = in_transaction
+        self.outbox = outbox
         self._by_mapper: dict[Mapper[Any], tuple[CompiledMapping, ...]] = {}
         self._sessions: weakref.WeakKeyDictionary[Session, SessionState] = (
             weakref.WeakKeyDictionary()
@@ -97,6 +100,8 @@ class CaptureListeners:
         if self.in_transaction:
             table.append((self.engine, "commit", self._commit))
             table.append((self.engine, "rollback", self._rollback))
+        if self.outbox is not None:
+            table.extend(self.outbox.receivers())
         return table
 
     def register(self) -> None:
@@ -147,14 +152,17 @@ class CaptureListeners:
         session, buffer = self._buffer_for(target, connection)
         actor = current_actor(session)
         for mapping in mappings:
-            buffer.add(
+            self._add(
+                session,
+                connection,
+                buffer,
                 Change(
                     mapping.name,
                     INSERT,
                     mapping.source_key(target),
                     frozenset(mapping.source_attrs),
                     actor,
-                )
+                ),
             )
 
     def _after_update(
@@ -192,7 +200,7 @@ class CaptureListeners:
         actor = current_actor(session)
         for change in changes:
             change.actor = actor
-            buffer.add(change)
+            self._add(session, connection, buffer, change)
 
     def _after_delete(
         self, mapper: Mapper[Any], connection: Connection, target: Any
@@ -209,7 +217,12 @@ class CaptureListeners:
                 if state.key
                 else mapping.source_key(target)
             )
-            buffer.add(Change(mapping.name, DELETE, key, actor=actor))
+            self._add(
+                session,
+                connection,
+                buffer,
+                Change(mapping.name, DELETE, key, actor=actor),
+            )
 
     def add_changes(
         self,
@@ -221,6 +234,20 @@ class CaptureListeners:
         buffer = self._buffer_of_session(session, connection)
         for change in changes:
             buffer.add(change)
+        if self.outbox is not None:
+            self.outbox.write_now(session, connection, changes)
+
+    def _add(
+        self,
+        session: Session,
+        connection: Connection,
+        buffer: ChangeBuffer,
+        change: Change,
+    ) -> None:
+        """Buffer a change captured by a mapper event; outbox it if durable."""
+        buffer.add(change)
+        if self.outbox is not None:
+            self.outbox.capture(session, connection, change)
 
     def _buffer_for(
         self, target: Any, connection: Connection

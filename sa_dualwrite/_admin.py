@@ -1,0 +1,267 @@
+"""Read-only views for operators: sync status, audit search, revert preview.
+
+These back :meth:`DualWrite.status`, :meth:`DualWrite.audit_rows` and
+:meth:`DualWrite.preview_revert`, and through them the ``sa-dualwrite``
+commands ``status``, ``audit`` and ``revert --dry-run``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, inspect, select
+
+from sa_dualwrite import _outbox, _revert, _store
+from sa_dualwrite._errors import DualWriteError
+
+if TYPE_CHECKING:
+    from sa_dualwrite._install import DualWrite
+
+__all__ = [
+    "MappingStatus",
+    "RevertStep",
+    "audit_rows",
+    "preview_revert",
+    "status",
+]
+
+audit = _store.audit_table
+outbox = _store.outbox_table
+
+
+@dataclass(frozen=True)
+class MappingStatus:
+    """Sync state of one mapping.
+
+    ``pending`` and ``parked`` count outbox rows (durable mode) waiting to
+    be applied and parked after their last attempt; ``applied`` and
+    ``failed`` count audit rows with that status (a failed audit row is a
+    change whose last attempt failed and that was not replayed yet).
+    ``lag`` is the age of the oldest pending outbox row, in seconds, or
+    None when nothing is pending.
+    """
+
+    mapping: str
+    pending: int = 0
+    parked: int = 0
+    applied: int = 0
+    failed: int = 0
+    oldest_pending_at: dt.datetime | None = None
+    lag: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as JSON-compatible values."""
+        return {
+            "mapping": self.mapping,
+            "pending": self.pending,
+            "parked": self.parked,
+            "applied": self.applied,
+            "failed": self.failed,
+            "oldest_pending_at": None
+            if self.oldest_pending_at is None
+            else self.oldest_pending_at.isoformat(),
+            "lag": self.lag,
+        }
+
+
+def status(handle: DualWrite) -> list[MappingStatus]:
+    """Return the sync state of every mapping; see DualWrite.status."""
+    counts: dict[str, dict[str, Any]] = {name: {} for name in handle._mappings}
+    with handle.target.connect() as connection:
+        if not inspect(connection).has_table(audit.name):
+            raise DualWriteError(
+                f"table {audit.name} not found in the target database; "
+                "create it with DualWrite.create_tables()"
+            )
+        result = connection.execute(
+            select(audit.c.mapping, audit.c.status, func.count())
+            .where(audit.c.status.in_(["applied", "failed"]))
+            .group_by(audit.c.mapping, audit.c.status)
+        )
+        for mapping, state, number in result:
+            counts.setdefault(mapping, {})[state] = int(number)
+    with handle.engine.connect() as connection:
+        if inspect(connection).has_table(outbox.name):
+            result = connection.execute(
+                select(
+                    outbox.c.mapping,
+                    outbox.c.status,
+                    func.count(),
+                    func.min(outbox.c.created_at),
+                )
+                .where(outbox.c.status.in_(["pending", "failed"]))
+                .group_by(outbox.c.mapping, outbox.c.status)
+            )
+            for mapping, state, number, oldest in result:
+                entry = counts.setdefault(mapping, {})
+                key = "pending" if state == "pending" else "parked"
+                entry[key] = int(number)
+                if state == "pending":
+                    entry["oldest"] = _aware(oldest)
+    now = _store.utcnow()
+    return [
+        MappingStatus(
+            mapping=name,
+            pending=entry.get("pending", 0),
+            parked=entry.get("parked", 0),
+            applied=entry.get("applied", 0),
+            failed=entry.get("failed", 0),
+            oldest_pending_at=entry.get("oldest"),
+            lag=None
+            if entry.get("oldest") is None
+            else max((now - entry["oldest"]).total_seconds(), 0.0),
+        )
+        for name, entry in sorted(counts.items())
+    ]
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite returns naive datetimes; the plugin writes them in UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def audit_rows(
+    handle: DualWrite,
+    *,
+    mapping: str | None = None,
+    status: str | None = None,
+    operation: str | None = None,
+    session_key: str | None = None,
+    v1_pk: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    ids: Sequence[int] | None = None,
+    limit: int | None = 100,
+) -> list[dict[str, Any]]:
+    """Return audit rows, newest first; see DualWrite.audit_rows."""
+    if status is not None and status not in _store.STATUSES:
+        raise DualWriteError(
+            f"unknown audit status {status!r}; use one of "
+            f"{', '.join(_store.STATUSES)}"
+        )
+    if operation is not None and operation not in _store.OPERATIONS:
+        raise DualWriteError(
+            f"unknown operation {operation!r}; use one of "
+            f"{', '.join(_store.OPERATIONS)}"
+        )
+    query = select(audit).order_by(audit.c.id.desc())
+    filters = {
+        "mapping": mapping,
+        "status": status,
+        "operation": operation,
+        "session_key": session_key,
+        "v1_pk": v1_pk,
+    }
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(audit.c[column] == value)
+    if ids is not None:
+        query = query.where(audit.c.id.in_(list(ids)))
+    if since is not None:
+        query = query.where(audit.c.created_at >= since)
+    if until is not None:
+        query = query.where(audit.c.created_at < until)
+    if limit is not None:
+        query = query.limit(limit)
+    with handle.target.connect() as connection:
+        rows = connection.execute(query).all()
+    result = []
+    for row in rows:
+        values = dict(row._mapping)
+        values["created_at"] = _aware(values["created_at"])
+        result.append(values)
+    return result
+
+
+@dataclass(frozen=True)
+class RevertStep:
+    """Effect of reverting one audit row on its target row.
+
+    ``current`` is the target row now and ``restored`` the row after the
+    revert (None: absent). ``conflict`` is true when the row changed since
+    the change was applied, so the revert needs ``force``.
+    """
+
+    audit_id: int
+    mapping: str
+    operation: str
+    v1_pk: str | None
+    v2_pk: str | None
+    table: str
+    current: dict[str, Any] | None
+    restored: dict[str, Any] | None
+    conflict: bool
+
+
+def preview_revert(
+    handle: DualWrite,
+    *,
+    audit_id: int | None,
+    session_key: str | None,
+) -> list[RevertStep]:
+    """Return what a revert would change; see DualWrite.preview_revert.
+
+    The revert runs in a target transaction that is rolled back, so the
+    preview shows exactly the rows the revert would write.
+    """
+    steps: list[RevertStep] = []
+    with handle.target.connect() as connection, connection.begin():
+        rows = _revert._select_for_revert(connection, audit_id, session_key)
+        for row in rows:
+            mapping = handle._mapping(row.mapping)
+            undone = _revert._undo_one(connection, mapping, row, True)
+            steps.append(
+                RevertStep(
+                    audit_id=row.id,
+                    mapping=row.mapping,
+                    operation=row.operation,
+                    v1_pk=row.v1_pk,
+                    v2_pk=row.v2_pk,
+                    table=mapping.target_table.name,
+                    current=undone["before"],
+                    restored=undone["after"],
+                    conflict=row.v2_pk is not None
+                    and undone["before"] != row.after,
+                )
+            )
+        connection.rollback()
+    return steps
+
+
+def replay_durable(handle: DualWrite, ids: Sequence[int] | None) -> list[int]:
+    """Replay in durable mode: requeue parked changes and drain them.
+
+    Failed audit rows that no outbox row refers to (written before durable
+    mode was on, for example) are replayed as in the core plugin.
+    """
+    from sa_dualwrite._drain import drain
+
+    with handle.engine.begin() as connection:
+        linked = _outbox.linked_audit_ids(connection, ids)
+        requeued = _outbox.requeue(connection, ids)
+    with handle.target.connect() as connection:
+        query = select(audit.c.id).where(audit.c.status == "failed")
+        if ids is not None:
+            query = query.where(audit.c.id.in_(list(ids)))
+        failed = [int(value) for value in connection.execute(query).scalars()]
+    unlinked = [audit_id for audit_id in failed if audit_id not in linked]
+    if ids is not None:
+        missing = set(ids) - set(failed) - linked
+        if missing:
+            raise DualWriteError(
+                f"audit rows {sorted(missing)} are not failed changes; "
+                "list them with 'sa-dualwrite audit --status failed'"
+            )
+    new_ids = _revert.replay(handle, unlinked) if unlinked else []
+    if requeued:
+        result = drain(handle, ids=requeued)
+        new_ids.extend(result.audit_ids)
+    handle.logger.info(
+        "replay_requeued", requeued=len(requeued), replayed=len(unlinked)
+    )
+    return new_ids

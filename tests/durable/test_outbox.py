@@ -1,0 +1,246 @@
+"""Durable mode: the outbox written in the source transaction."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import event, update
+from sqlalchemy.orm import Session
+
+import sa_dualwrite as dw
+from sa_dualwrite._store import outbox_applied_table, outbox_table
+from tests import models
+from tests.conftest import Databases
+from tests.durable.helpers import leave_pending, outbox_rows
+from tests.helpers import alert_for, alerts, audit_rows, count
+
+
+def test_commit_marks_outbox_done(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A synced commit leaves its outbox rows done."""
+    with Session(dbs.source) as session:
+        alerta = models.new_alerta()
+        session.add(alerta)
+        session.commit()
+        alerta_id = alerta.id
+
+    rows = outbox_rows(dbs.source)
+
+    assert alert_for(durable, alerta_id).title == "Alerta de renovação"
+    assert [row.status for row in rows] == ["done"]
+    assert rows[0].operation == "insert"
+    assert rows[0].v1_pk == str(alerta_id)
+
+
+def test_rollback_leaves_no_outbox_row(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A rolled-back transaction writes no outbox row."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta())
+        session.flush()
+        session.rollback()
+
+    assert outbox_rows(dbs.source) == []
+
+
+def test_savepoint_rollback_drops_rows(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A rolled-back savepoint drops exactly its own outbox rows."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta(titulo="outer"))
+        session.flush()
+        savepoint = session.begin_nested()
+        session.add(models.new_alerta(titulo="inner, rolled back"))
+        session.flush()
+        savepoint.rollback()
+        with session.begin_nested():
+            session.add(models.new_alerta(titulo="inner, released"))
+        session.commit()
+
+    rows = outbox_rows(dbs.source)
+
+    assert len(rows) == 2
+    assert {row.status for row in rows} == {"done"}
+    assert [row.title for row in alerts(dbs.target_engine)] == [
+        "outer",
+        "inner, released",
+    ]
+
+
+def test_flush_writes_one_insert(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A flush of many objects writes the outbox with one statement."""
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, many):  # type: ignore[no-untyped-def]
+        if "dualwrite_outbox" in statement and "INSERT" in statement:
+            statements.append(statement)
+
+    event.listen(dbs.source, "before_cursor_execute", record)
+    try:
+        with Session(dbs.source) as session:
+            session.add_all([models.new_alerta() for _ in range(50)])
+            session.commit()
+    finally:
+        event.remove(dbs.source, "before_cursor_execute", record)
+
+    assert len(statements) == 1
+    assert len(outbox_rows(dbs.source, status="done")) == 50
+
+
+def test_missing_outbox_fails_write(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """Without the outbox table the source write fails, with the fix."""
+    dw.outbox_metadata.drop_all(dbs.source)
+
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta())
+        with pytest.raises(dw.DualWriteError, match="create_tables"):
+            session.commit()
+
+    with Session(dbs.source) as session:
+        assert session.query(models.Alerta).count() == 0
+
+
+def test_drain_applies_left_rows(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """drain() applies the rows a dead process left pending."""
+    first = leave_pending(durable, titulo="first")
+    second = leave_pending(durable, titulo="second")
+
+    result = durable.drain()
+    again = durable.drain()
+
+    assert (result.applied, result.failed, result.parked) == (2, 0, 0)
+    assert again.rows == 0
+    assert alert_for(durable, first).title == "first"
+    assert alert_for(durable, second).title == "second"
+    assert {row.status for row in outbox_rows(dbs.source)} == {"done"}
+    assert [a.session_key for a in audit_rows(dbs.target_engine)] == [
+        "crashed",
+        "crashed",
+    ]
+
+
+def test_failing_change_is_parked(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A change the target rejects is retried, then parked."""
+    with Session(dbs.source) as session:
+        alerta = models.new_alerta(titulo="REJECTED BY V2")
+        session.add(alerta)
+        session.commit()
+
+    after_commit = outbox_rows(dbs.source)
+    first = durable.drain()
+    second = durable.drain()
+    rows = outbox_rows(dbs.source)
+    audits = audit_rows(dbs.target_engine)
+
+    assert after_commit[0].status == "pending"
+    assert after_commit[0].attempts == 1
+    assert (first.failed, first.parked) == (1, 0)
+    assert (second.failed, second.parked) == (0, 1)
+    assert rows[0].status == "failed"
+    assert rows[0].attempts == 3
+    assert (
+        "ck_alerts_title" in rows[0].last_error
+        or "CHECK" in rows[0].last_error
+    )
+    assert [a.status for a in audits] == ["replayed", "replayed", "failed"]
+    assert rows[0].audit_id == audits[-1].id
+
+
+def test_replay_requeues_parked(dbs: Databases, durable: dw.DualWrite) -> None:
+    """replay() applies a parked change once its source row is fixed."""
+    with Session(dbs.source) as session:
+        alerta = models.new_alerta(titulo="REJECTED BY V2")
+        session.add(alerta)
+        session.commit()
+        alerta_id = alerta.id
+    durable.drain()
+    durable.drain()
+    parked = outbox_rows(dbs.source)
+    with dbs.source.begin() as connection:
+        connection.execute(
+            update(models.Alerta.__table__).values(titulo="fixed")
+        )
+
+    new_ids = durable.replay()
+    audits = audit_rows(dbs.target_engine)
+
+    assert parked[0].status == "failed"
+    assert alert_for(durable, alerta_id).title == "fixed"
+    assert [row.status for row in outbox_rows(dbs.source)] == ["done"]
+    assert len(new_ids) == 1
+    assert [a.status for a in audits] == [
+        "replayed",
+        "replayed",
+        "replayed",
+        "applied",
+    ]
+
+
+def test_drain_trusts_applied_record(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A change the target recorded as applied is not applied again."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta())
+        session.commit()
+    with dbs.source.begin() as connection:
+        connection.execute(
+            update(outbox_table).values(status="pending", done_at=None)
+        )
+
+    result = durable.drain()
+    audits = audit_rows(dbs.target_engine)
+
+    assert result.applied == 1
+    assert [row.status for row in outbox_rows(dbs.source)] == ["done"]
+    if dbs.target is None:
+        assert len(audits) == 2
+    else:
+        assert len(audits) == 1
+
+
+def test_status_counts_rows(dbs: Databases, durable: dw.DualWrite) -> None:
+    """status() counts pending, parked, applied and failed per mapping."""
+    leave_pending(durable)
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta())
+        session.add(models.new_alerta(titulo="REJECTED BY V2"))
+        session.commit()
+
+    by_name = {entry.mapping: entry for entry in durable.status()}
+    alertas = by_name["alertas"]
+
+    assert alertas.pending == 2
+    assert alertas.applied == 1
+    assert alertas.failed == 1
+    assert alertas.parked == 0
+    assert alertas.lag is not None
+    assert alertas.lag >= 0
+    assert by_name["acoes"].pending == 0
+    assert by_name["acoes"].lag is None
+
+
+def test_prune_deletes_done_rows(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """prune() deletes done rows and the applied records they needed."""
+    leave_pending(durable)
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta())
+        session.commit()
+
+    deleted = durable.prune(0)
+
+    assert deleted == 1
+    assert [row.status for row in outbox_rows(dbs.source)] == ["pending"]
+    assert count(dbs.target_engine, outbox_applied_table) == 0
