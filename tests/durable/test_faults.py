@@ -32,9 +32,9 @@ from sa_dualwrite._store import audit_table, xref_table
 from tests import models
 from tests.conftest import PG_HOST, PG_PORT
 from tests.durable.helpers import outbox_rows
-from tests.durable.proxy import TcpProxy
 from tests.durable.writer import APPLICATION_NAME
 from tests.helpers import count
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
