@@ -6,7 +6,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import DeclarativeBase
@@ -17,6 +17,7 @@ from sa_dualwrite._apply import Applier
 from sa_dualwrite._codec import decode_key, encode_key
 from sa_dualwrite._errors import DualWriteError
 from sa_dualwrite._logging import JsonLinesFile, make_logger
+from sa_dualwrite.listeners._bulk import UNSYNCED_WRITES
 from sa_dualwrite.listeners._capture import CaptureListeners
 from sa_dualwrite.mapping._compile import CompiledMapping, compile_all
 from sa_dualwrite.mapping._load import normalize
@@ -64,6 +65,7 @@ class DualWrite:
         mappings: dict[str, CompiledMapping],
         log_file: str | os.PathLike[str] | None,
         v2_timeout: float,
+        unsynced_writes: str = "log",
     ) -> None:
         self.engine = engine
         self.target = target
@@ -84,6 +86,7 @@ class DualWrite:
             mappings=mappings,
             applier=self._applier,
             in_transaction=self.in_transaction,
+            unsynced_writes=unsynced_writes,
         )
         self.installed = False
 
@@ -237,6 +240,7 @@ def install_dual_write(
     *,
     base: type[DeclarativeBase] | Registry | None = None,
     v2_timeout: float = DEFAULT_V2_TIMEOUT,
+    unsynced_writes: Literal["log", "raise"] = "log",
 ) -> DualWrite:
     """Watch the ORM sessions of ``engine`` and sync their writes to V2.
 
@@ -253,6 +257,11 @@ def install_dual_write(
             ``__dual_write__`` declarations.
         v2_timeout: seconds that connecting to the target, waiting for its
             locks and running its statements may take per commit.
+        unsynced_writes: what to do with a write on a source table that
+            cannot be synced, such as a Core ``connection.execute()``
+            outside any ORM session: ``"log"`` logs the
+            ``unsynced_write`` warning event, ``"raise"`` raises
+            ``UnsyncedWriteError`` (meant for test suites).
 
     Raises:
         MappingError: a mapping is invalid; nothing is installed.
@@ -262,6 +271,11 @@ def install_dual_write(
     target_engine = (
         source if target is None else _sync_engine(target, "target")
     )
+    if unsynced_writes not in UNSYNCED_WRITES:
+        raise DualWriteError(
+            f"unsynced_writes must be one of {', '.join(UNSYNCED_WRITES)}, "
+            f"got {unsynced_writes!r}"
+        )
     if not v2_timeout > 0:
         raise DualWriteError(
             f"v2_timeout must be a positive number of seconds, got "
@@ -281,6 +295,7 @@ def install_dual_write(
             mappings=compiled,
             log_file=log_file,
             v2_timeout=v2_timeout,
+            unsynced_writes=unsynced_writes,
         )
         try:
             handle._install()

@@ -31,6 +31,7 @@ from sa_dualwrite._apply import Applier
 from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change, ChangeBuffer
 from sa_dualwrite._context import current_actor, session_key
 from sa_dualwrite._sync import Outcome
+from sa_dualwrite.listeners._bulk import StatementCapture
 from sa_dualwrite.mapping._compile import CompiledMapping
 
 __all__ = ["CaptureListeners", "SessionState"]
@@ -71,6 +72,7 @@ class CaptureListeners:
         mappings: dict[str, CompiledMapping],
         applier: Applier,
         in_transaction: bool,
+        unsynced_writes: str = "log",
     ) -> None:
         self.engine = engine
         self.mappings = mappings
@@ -84,6 +86,7 @@ class CaptureListeners:
         self._parked: dict[Connection, tuple[ChangeBuffer, str]] = {}
         self._lock = threading.Lock()
         self._registered: list[Receiver] = []
+        self.statements = StatementCapture(self, unsynced_writes)
 
     def receivers(self) -> list[Receiver]:
         """Return each ``(target, hook, function)`` of this install."""
@@ -93,6 +96,7 @@ class CaptureListeners:
             (Mapper, "after_delete", self._after_delete),
             (Session, "after_commit", self._after_commit),
             (Session, "after_transaction_end", self._after_transaction_end),
+            *self.statements.receivers(),
         ]
         if self.in_transaction:
             table.append((self.engine, "commit", self._commit))
@@ -103,7 +107,9 @@ class CaptureListeners:
         """Listen to every receiver; on failure, remove those added."""
         try:
             for target, hook, function in self.receivers():
-                event.listen(target, hook, function)
+                # A before_execute receiver returns the statement to run.
+                options = {"retval": True} if hook == "before_execute" else {}
+                event.listen(target, hook, function, **options)
                 self._registered.append((target, hook, function))
         except Exception:
             self.unregister()
@@ -117,6 +123,7 @@ class CaptureListeners:
                 event.remove(target, hook, function)
         self._by_connection.clear()
         self._parked.clear()
+        self.statements.clear()
 
     def _mappings_for(
         self, mapper: Mapper[Any]
