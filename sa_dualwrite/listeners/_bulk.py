@@ -205,7 +205,7 @@ class StatementCapture:
             )
         else:
             pending = self._plan(
-                connection, statement, info, multiparams, session, targets
+                connection, info, multiparams, params, session, targets
             )
         if pending.strategy == _UNSYNCED and self.unsynced_writes == "raise":
             self._report(pending, None)
@@ -215,9 +215,9 @@ class StatementCapture:
     def _plan(
         self,
         connection: Connection,
-        statement: Any,
         info: StatementInfo,
         multiparams: Sequence[dict[str, Any]],
+        params: dict[str, Any],
         session: Session,
         targets: tuple[_Target, ...],
     ) -> _Pending:
@@ -226,6 +226,7 @@ class StatementCapture:
         May return the statement with RETURNING added (``returning()`` or
         ``return_defaults()``), and may read keys before it runs.
         """
+        statement = info.statement
         pending = _Pending(statement, info, session, targets, _INSERTED)
         missing = [target for target in targets if not target.columns]
         if missing:
@@ -252,10 +253,11 @@ class StatementCapture:
 
         pending.binds = pk_binds(statement, info.table) or ()
         parameter_sets = list(multiparams)
+        parameters = parameter_sets[0] if parameter_sets else params
         pending.sets_key = info.operation == UPDATE and sets_key(
             statement, parameter_sets, info, pending.binds
         )
-        if several or (pending.binds and not can_return):
+        if several:
             pending.strategy = _PARAMETERS
             if not pending.binds:
                 pending.strategy, pending.reason = _UNSYNCED, _NO_KEY_IN_WHERE
@@ -263,7 +265,7 @@ class StatementCapture:
                 pending.strategy, pending.reason = _UNSYNCED, _NEW_KEYS_UNKNOWN
         elif info.explicit_returning or pending.sets_key or not can_return:
             pending.strategy = _BEFORE
-            pending.before = preselect_keys(connection, statement, info)
+            pending.before = preselect_keys(connection, info, parameters)
             if pending.sets_key and not can_return:
                 pending.strategy, pending.reason = _UNSYNCED, _NEW_KEYS_UNKNOWN
             elif pending.sets_key:
@@ -277,12 +279,30 @@ class StatementCapture:
             )
 
         if info.operation == DELETE and pending.strategy != _UNSYNCED:
-            for target in targets:
-                if target.filtered:
-                    mapper = target.mapping.source_mapper
-                    found = preselect_keys(connection, statement, info, mapper)
-                    pending.typed_before[target.mapping.name] = set(found)
+            self._read_types(connection, pending, parameter_sets, parameters)
         return pending
+
+    def _read_types(
+        self,
+        connection: Connection,
+        pending: _Pending,
+        parameter_sets: list[dict[str, Any]],
+        parameters: dict[str, Any],
+    ) -> None:
+        """Before a DELETE, read which rows belong to subclass mappings."""
+        info = pending.info
+        for target in pending.targets:
+            if not target.filtered:
+                continue
+            mapper = target.mapping.source_mapper
+            if pending.strategy == _PARAMETERS:
+                keys = _parameter_keys(pending, parameter_sets)
+                found = typed_keys(
+                    connection, mapper, _target_keys(target, keys, info.table)
+                )
+            else:
+                found = preselect_keys(connection, info, parameters, mapper)
+            pending.typed_before[target.mapping.name] = set(found)
 
     def _after_execute(
         self,
@@ -358,13 +378,7 @@ class StatementCapture:
         if strategy == _EXPLICIT:
             return self._returned_keys(pending, result, parameter_sets)
         if strategy == _PARAMETERS:
-            return [
-                tuple(
-                    parameters.get(bind.key, bind.value)
-                    for bind in pending.binds
-                )
-                for parameters in parameter_sets
-            ]
+            return _parameter_keys(pending, parameter_sets)
         if strategy == _BEFORE and not pending.sets_key:
             return list(pending.before)
         read = key_getter([table_key])
@@ -425,15 +439,10 @@ class StatementCapture:
         assert pending.session is not None
         info = pending.info
         actor = current_actor(pending.session)
-        positions = {
-            column: index
-            for index, column in enumerate(info.table.primary_key)
-        }
         changes: list[Change] = []
         for target in pending.targets:
             mapping = target.mapping
-            order = [positions[column] for column in target.columns]
-            found = _unique([tuple(key[i] for i in order) for key in keys])
+            found = _target_keys(target, keys, info.table)
             if target.filtered:
                 if info.operation == DELETE:
                     typed = pending.typed_before.get(mapping.name, set())
@@ -450,9 +459,7 @@ class StatementCapture:
                 changed = frozenset(mapping.source_attrs)
             elif pending.sets_key:
                 operation, changed = UPDATE, frozenset(mapping.source_attrs)
-                old = _unique(
-                    [tuple(key[i] for i in order) for key in pending.before]
-                )
+                old = _target_keys(target, pending.before, info.table)
                 changes.extend(
                     Change(mapping.name, DELETE, key, actor=actor)
                     for key in old
@@ -591,5 +598,20 @@ def _key_from_parameters(
     return None if any(value is None for value in key) else key
 
 
-def _unique(keys: list[Key]) -> list[Key]:
-    return list(dict.fromkeys(keys))
+def _parameter_keys(
+    pending: _Pending, parameter_sets: list[dict[str, Any]]
+) -> list[Key]:
+    """Return the table keys that bulk parameter sets select."""
+    return [
+        tuple(parameters.get(bind.key, bind.value) for bind in pending.binds)
+        for parameters in parameter_sets
+    ]
+
+
+def _target_keys(target: _Target, keys: list[Key], table: Table) -> list[Key]:
+    """Reorder table keys into a mapping's key order, without repeats."""
+    positions = {
+        column: index for index, column in enumerate(table.primary_key)
+    }
+    order = [positions[column] for column in target.columns]
+    return list(dict.fromkeys(tuple(key[i] for i in order) for key in keys))

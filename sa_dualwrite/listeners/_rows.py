@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import Column, Connection, Table, select, tuple_
@@ -47,7 +48,7 @@ UPDATE = "update"
 DELETE = "delete"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
 class StatementInfo:
     """The parts of a DML statement that decide how to capture it.
 
@@ -56,20 +57,41 @@ class StatementInfo:
     statement, or None for a Core statement.
     """
 
+    statement: Any
     operation: str
     table: Table
     entity: Mapper[Any] | None
-    explicit_returning: bool
-    several_rows: bool
-    upsert: bool
-    other_tables: bool
+
+    @property
+    def explicit_returning(self) -> bool:
+        """True if the caller gave the statement a ``returning()``."""
+        return bool(getattr(self.statement, "_returning", ()))
+
+    @property
+    def several_rows(self) -> bool:
+        """True for an INSERT of several VALUES rows or of a SELECT."""
+        statement = self.statement
+        return bool(getattr(statement, "_multi_values", ())) or (
+            getattr(statement, "select", None) is not None
+        )
+
+    @property
+    def upsert(self) -> bool:
+        """True for an INSERT with an ON CONFLICT or similar clause."""
+        return getattr(self.statement, "_post_values_clause", None) is not None
+
+    @cached_property
+    def other_tables(self) -> bool:
+        """True for the UPDATE..FROM and DELETE..USING forms."""
+        return _refers_to_other_tables(self.statement, self.table)
 
 
 def describe(statement: Any) -> StatementInfo | None:
     """Return what capturing needs to know about ``statement``.
 
     Returns None for anything that is not an INSERT, UPDATE or DELETE of
-    a plain table.
+    a plain table. Only cheap attribute reads happen here, because every
+    statement of the source engine passes through.
     """
     if not getattr(statement, "is_dml", False):
         return None
@@ -85,16 +107,7 @@ def describe(statement: Any) -> StatementInfo | None:
     table = entity.local_table if entity is not None else statement.table
     if not isinstance(table, Table):
         return None
-    return StatementInfo(
-        operation=operation,
-        table=table,
-        entity=entity,
-        explicit_returning=bool(getattr(statement, "_returning", ())),
-        several_rows=bool(getattr(statement, "_multi_values", ()))
-        or getattr(statement, "select", None) is not None,
-        upsert=getattr(statement, "_post_values_clause", None) is not None,
-        other_tables=_refers_to_other_tables(statement, table),
-    )
+    return StatementInfo(statement, operation, table, entity)
 
 
 def _entity_mapper(statement: Any) -> Mapper[Any] | None:
@@ -107,7 +120,6 @@ def _entity_mapper(statement: Any) -> Mapper[Any] | None:
 
 
 def _refers_to_other_tables(statement: Any, table: Table) -> bool:
-    """Return True for UPDATE..FROM and DELETE..USING forms."""
     where = getattr(statement, "whereclause", None)
     if where is None:
         return False
@@ -313,19 +325,21 @@ def _attr_names(mapping: CompiledMapping) -> dict[str, str]:
 
 def preselect_keys(
     connection: Connection,
-    statement: Any,
     info: StatementInfo,
+    parameters: dict[str, Any],
     mapper: Mapper[Any] | None = None,
 ) -> list[tuple[Any, ...]]:
     """Read the keys of the rows that an UPDATE or DELETE will write.
 
-    Selects with the statement's own WHERE clause, before it runs, and
-    locks the rows (``FOR UPDATE``) where the backend has it. The keys are
+    Selects with the statement's own WHERE clause and ``parameters``,
+    before it runs, and locks the rows (``FOR UPDATE``) where the backend
+    has it. The keys are
     the table's, or with ``mapper`` that class's, whose inheritance
     criteria then apply; an ORM statement's entity criteria apply too.
     Rows that come to match the WHERE clause between this read and the
     statement, through a concurrent commit, are not seen.
     """
+    statement = info.statement
     entity = mapper if mapper is not None else info.entity
     columns = (
         list(mapper.primary_key)
@@ -343,7 +357,7 @@ def preselect_keys(
         query = query.where(where)
     if connection.dialect.name != "sqlite":
         query = query.with_for_update()
-    return [tuple(row) for row in connection.execute(query)]
+    return [tuple(row) for row in connection.execute(query, parameters)]
 
 
 def typed_keys(
