@@ -4,8 +4,8 @@
 and a single table subclass (``Fiscal``); each of the three has its own
 mapping. ``Lembrete`` is mapped on a table with ``implicit_returning``
 off, which makes the capture fall back to what a backend without
-RETURNING offers, and has a mutable JSON column and a timezone-aware
-datetime.
+RETURNING offers, and has a mutable JSON column, a timezone-aware
+datetime and a relationship to ``Pessoa`` that no mapping uses.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.ext.mutable import MutableDict
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import sa_dualwrite as dw
 
@@ -46,6 +46,7 @@ class Pessoa(PathsV1):
     email: Mapped[str | None] = mapped_column(Text)
     tipo: Mapped[str] = mapped_column(Text)
     matricula: Mapped[str | None] = mapped_column(Text)
+    lembretes: Mapped[list[Lembrete]] = relationship(back_populates="pessoa")
 
     __mapper_args__: ClassVar[dict[str, Any]] = {
         "polymorphic_on": "tipo",
@@ -83,6 +84,8 @@ class Lembrete(PathsV1):
     lembrar_em: Mapped[dt.datetime | None] = mapped_column(
         DateTime(timezone=True)
     )
+    pessoa_id: Mapped[int | None] = mapped_column(ForeignKey("pessoas.id"))
+    pessoa: Mapped[Pessoa | None] = relationship(back_populates="lembretes")
 
 
 class Person(PathsV2):
