@@ -284,6 +284,9 @@ class CaptureListeners:
                 self._park(state.connection, buffer, key)
             return
         if buffer:
+            # TODO: a session joined to an outer transaction gets here before
+            # the database COMMIT, and the sync's read ends by rolling back
+            # that outer transaction; park the changes until it commits.
             outcomes = self.applier.apply_after_commit(
                 state.connection, buffer.changes(), key
             )
