@@ -509,3 +509,42 @@ def test_ref_of_statement_rows_resolves(
 
     assert differences(strict) == []
     assert strict.v2_id("acoes", acao_id) is not None
+
+
+def test_insert_from_select_syncs(
+    dbs: Databases, strict: dw.DualWrite
+) -> None:
+    """An INSERT .. SELECT copies rows that are all synced."""
+    seed(dbs.source, 30, 10)
+    table = Alerta.__table__
+    copied = select(
+        table.c.contrato_id,
+        (table.c.titulo + " (cópia)").label("titulo"),
+        table.c.responsavel,
+    )
+
+    with Session(dbs.source) as session:
+        session.execute(
+            insert(table).from_select(
+                ["contrato_id", "titulo", "responsavel"], copied
+            )
+        )
+        session.commit()
+
+    assert differences(strict) == []
+    assert len(alerts(dbs.target_engine)) == 4
+
+
+def test_core_insert_rows_in_session_sync(
+    dbs: Databases, strict: dw.DualWrite
+) -> None:
+    """A Core INSERT with several parameter sets in a session is synced."""
+    with Session(dbs.source) as session:
+        session.execute(
+            insert(Alerta.__table__),
+            [row_data(titulo="P"), row_data(titulo="Q")],
+        )
+        session.commit()
+
+    assert differences(strict) == []
+    assert len(alerts(dbs.target_engine)) == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, delete, insert, text, update
+from sqlalchemy import bindparam, delete, event, insert, text, update
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
@@ -180,3 +180,23 @@ def test_bulk_update_without_key_raises(
 
     assert "does not select rows by primary key" in caught.value.reason
     assert "was not executed" in str(caught.value)
+
+
+def test_flush_marker_exists(dbs: Databases, strict: dw.DualWrite) -> None:
+    """The private flag that marks flush statements is set during a flush."""
+    seen: list[bool] = []
+
+    def record(mapper: Any, connection: Any, target: Any) -> None:
+        seen.append(Session.object_session(target)._warn_on_events)  # type: ignore[union-attr]
+
+    event.listen(models.Alerta, "before_insert", record)
+    try:
+        with Session(dbs.source) as session:
+            session.add(models.new_alerta())
+            idle = session._warn_on_events
+            session.commit()
+    finally:
+        event.remove(models.Alerta, "before_insert", record)
+
+    assert idle is False
+    assert seen == [True]
