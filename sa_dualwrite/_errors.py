@@ -108,7 +108,7 @@ class UnsyncedWriteError(DualWriteError):
     ``unsynced_writes="raise"``; by default such a write is logged as the
     ``unsynced_write`` warning event instead. Typical causes are a Core
     ``connection.execute()`` of an INSERT, UPDATE or DELETE outside any
-    ORM session, or a statement whose written rows cannot be told apart.
+    ORM session, or a statement whose written rows cannot be identified.
     ``table``, ``operation`` and ``reason`` describe the write. When the
     error is raised before the statement runs, nothing was written.
     """

@@ -5,17 +5,18 @@ here, on the source engine's ``before_execute`` and ``after_execute``
 events, see every INSERT, UPDATE and DELETE of a mapped source table:
 
 * Statements run through an ORM session of the source engine, other than
-  its flush: ORM-enabled ``update()``, ``delete()`` and ``insert()`` (with
-  a list of rows, with ``values()``, as an upsert) given to
-  ``session.execute()``, ``Query.update()`` and ``Query.delete()``, the
-  legacy ``bulk_save_objects``, ``bulk_insert_mappings`` and
-  ``bulk_update_mappings``, and Core statements on the session's
-  connection. The rows they wrote come from the database: RETURNING where
-  the backend has it, otherwise the primary keys in the statement's
-  parameters or a SELECT of the matching keys just before the statement.
-  The changes go to :meth:`CaptureListeners.add_changes`, so they follow
-  the transaction, savepoint and coalescing rules of flushed objects, and
-  the values synced are read from the source rows at sync time.
+  its flush. These are ORM-enabled ``update()``, ``delete()`` and
+  ``insert()`` given to ``session.execute()`` (with a list of rows, with
+  ``values()`` or as an upsert), ``Query.update()`` and
+  ``Query.delete()``, the legacy ``bulk_save_objects``,
+  ``bulk_insert_mappings`` and ``bulk_update_mappings``, and Core
+  statements on the session's connection. The rows they wrote come from
+  the database: RETURNING where the backend has it, otherwise the primary
+  keys in the statement's parameters or a SELECT of the matching keys just
+  before the statement. The changes go to
+  :meth:`CaptureListeners.add_changes`, so they follow the transaction,
+  savepoint and coalescing rules of flushed objects, and the values synced
+  are read from the source rows at sync time.
 * Statements on a connection that no ORM session of the engine is using,
   such as a Core ``connection.execute()``, and statements whose written
   rows cannot be known. These are not synced: each one is logged as the
@@ -66,7 +67,7 @@ UNSYNCED_WRITES = ("log", "raise")
 
 Key = tuple[Any, ...]
 
-# How the keys of the written rows are obtained, decided before the
+# Ways to find the keys of the written rows. One is chosen before the
 # statement runs and applied to its result.
 _INSERTED = "inserted_primary_key"
 _RETURNING = "returning"
@@ -106,7 +107,7 @@ class _Target:
 
     ``columns`` are the table's columns that hold the mapping's key, in
     the order of its primary key. ``filtered`` is true when the table
-    holds rows of other classes of an inheritance hierarchy too.
+    contains rows of other classes of an inheritance hierarchy too.
     """
 
     mapping: CompiledMapping
@@ -562,10 +563,11 @@ def _run_by_flush(session: Session, execution_options: Any) -> bool:
 
     NOTE: SQLAlchemy has no public flag for "this session is flushing"
     that excludes the legacy bulk methods, which set ``_flushing`` too.
-    ``Session._warn_on_events`` is set only while the unit of work runs
-    (SQLAlchemy 2.0 and 2.1), and the unit of work runs its statements
-    with the mapper's ``compiled_cache``; a Core statement that a mapper
-    event listener runs during the flush has neither and is captured.
+    The private ``Session._warn_on_events`` is set only while the unit of
+    work runs (SQLAlchemy 2.0 and 2.1). The unit of work also runs its
+    statements with the mapper's ``compiled_cache``. A Core statement that
+    a mapper event listener runs during the flush has no such option, so
+    it is captured.
     """
     in_flush = bool(getattr(session, "_warn_on_events", False))
     return in_flush and "compiled_cache" in execution_options

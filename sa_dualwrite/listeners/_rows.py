@@ -1,11 +1,12 @@
 """What a SQL statement on a source table is, and which rows it wrote.
 
-Pure helpers for :mod:`sa_dualwrite.listeners._bulk`: they look at an
-INSERT, UPDATE or DELETE construct and at its result, never at a session.
-A few read private attributes of SQLAlchemy's DML constructs (``_values``,
-``_returning`` and the like) through :func:`getattr` with a default,
-because SQLAlchemy offers no public reader for them; they exist in every
-SQLAlchemy version from 2.0.30 to 2.1.
+Helpers for :mod:`sa_dualwrite.listeners._bulk`. They look at an INSERT,
+UPDATE or DELETE construct and at its result, and some read keys through
+its connection, but none looks at a session. A few read private
+attributes of SQLAlchemy's DML constructs (``_values``, ``_returning`` and
+the like) through :func:`getattr` with a default, because SQLAlchemy
+offers no public reader for them. The tests pass with SQLAlchemy 2.0.30
+and 2.1.9.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def key_columns(table: Table, mapper: Mapper[Any]) -> tuple[Column[Any], ...]:
     """Return the columns of ``table`` holding ``mapper``'s primary key.
 
     In joined table inheritance a subclass table repeats the key of the
-    base table through a foreign key; that column stands for the base key
-    column. Returns an empty tuple when ``table`` lacks a key column.
+    base table through a foreign key, so that column is taken as the base
+    key column. Returns an empty tuple when ``table`` lacks a key column.
     """
     found: list[Column[Any]] = []
     for key_column in mapper.primary_key:
