@@ -13,6 +13,7 @@ from sa_dualwrite._errors import (
     MappingError,
     RevertConflict,
     SyncError,
+    UnsyncedWriteError,
 )
 from sa_dualwrite._install import DualWrite, install_dual_write
 from sa_dualwrite._store import metadata, outbox_metadata
@@ -38,6 +39,7 @@ __all__ = [
     "Mismatch",
     "RevertConflict",
     "SyncError",
+    "UnsyncedWriteError",
     "VerifyReport",
     "__version__",
     "acting_as",

@@ -5,7 +5,8 @@ Every error derives from :class:`DualWriteError`::
     DualWriteError
      ├── MappingError        a mapping is invalid (raised at install time)
      ├── SyncError           one change could not be applied to the target
-     └── RevertConflict      a target row changed after the change to revert
+     ├── RevertConflict      a target row changed after the change to revert
+     └── UnsyncedWriteError  a write on a source table cannot be synced
 
 Errors about one row carry ``mapping``, ``operation`` and ``v1_pk`` and chain
 the database error that caused them.
@@ -15,7 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DualWriteError", "MappingError", "RevertConflict", "SyncError"]
+__all__ = [
+    "DualWriteError",
+    "MappingError",
+    "RevertConflict",
+    "SyncError",
+    "UnsyncedWriteError",
+]
 
 
 class DualWriteError(Exception):
@@ -92,3 +99,24 @@ class RevertConflict(DualWriteError):
         self.audit_id = audit_id
         self.expected = expected
         self.current = current
+
+
+class UnsyncedWriteError(DualWriteError):
+    """Raised for a write on a source table that cannot be synced.
+
+    Raised only when dual write was installed with
+    ``unsynced_writes="raise"``; by default such a write is logged as the
+    ``unsynced_write`` warning event instead. Typical causes are a Core
+    ``connection.execute()`` of an INSERT, UPDATE or DELETE outside any
+    ORM session, or a statement whose written rows cannot be identified.
+    ``table``, ``operation`` and ``reason`` describe the write. When the
+    error is raised before the statement runs, nothing was written.
+    """
+
+    def __init__(
+        self, message: str, *, table: str, operation: str, reason: str
+    ) -> None:
+        super().__init__(message)
+        self.table = table
+        self.operation = operation
+        self.reason = reason

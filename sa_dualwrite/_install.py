@@ -6,7 +6,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import DeclarativeBase
@@ -20,6 +20,7 @@ from sa_dualwrite._drain import DrainResult
 from sa_dualwrite._durable import DurableApplier
 from sa_dualwrite._errors import DualWriteError
 from sa_dualwrite._logging import JsonLinesFile, make_logger
+from sa_dualwrite.listeners._bulk import UNSYNCED_WRITES
 from sa_dualwrite.listeners._capture import CaptureListeners
 from sa_dualwrite.listeners._outbox import OutboxWriter
 from sa_dualwrite.mapping._compile import CompiledMapping, compile_all
@@ -70,6 +71,7 @@ class DualWrite:
         v2_timeout: float,
         durable: bool = False,
         policy: _outbox.RetryPolicy | None = None,
+        unsynced_writes: str = "log",
     ) -> None:
         self.engine = engine
         self.target = target
@@ -104,6 +106,7 @@ class DualWrite:
             applier=self._applier,
             in_transaction=self.in_transaction,
             outbox=OutboxWriter() if durable else None,
+            unsynced_writes=unsynced_writes,
         )
         self.installed = False
 
@@ -375,6 +378,7 @@ def install_dual_write(
     max_attempts: int = _outbox.DEFAULT_MAX_ATTEMPTS,
     retry_delay: float = _outbox.DEFAULT_RETRY_DELAY,
     retry_delay_max: float = _outbox.DEFAULT_RETRY_DELAY_MAX,
+    unsynced_writes: Literal["log", "raise"] = "log",
 ) -> DualWrite:
     """Watch the ORM sessions of ``engine`` and sync their writes to V2.
 
@@ -401,6 +405,11 @@ def install_dual_write(
             failed change; each further retry waits twice as long.
         retry_delay_max: durable mode: the maximum wait between two
             attempts, in seconds.
+        unsynced_writes: what to do with a write on a source table that
+            cannot be synced, such as a Core ``connection.execute()``
+            outside any ORM session: ``"log"`` logs the
+            ``unsynced_write`` warning event, ``"raise"`` raises
+            ``UnsyncedWriteError`` (meant for test suites).
 
     Raises:
         MappingError: a mapping is invalid; nothing is installed.
@@ -410,6 +419,11 @@ def install_dual_write(
     target_engine = (
         source if target is None else _sync_engine(target, "target")
     )
+    if unsynced_writes not in UNSYNCED_WRITES:
+        raise DualWriteError(
+            f"unsynced_writes must be one of {', '.join(UNSYNCED_WRITES)}, "
+            f"got {unsynced_writes!r}"
+        )
     if not v2_timeout > 0:
         raise DualWriteError(
             f"v2_timeout must be a positive number of seconds, got "
@@ -432,6 +446,7 @@ def install_dual_write(
             v2_timeout=v2_timeout,
             durable=durable,
             policy=policy,
+            unsynced_writes=unsynced_writes,
         )
         try:
             handle._install()

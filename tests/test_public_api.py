@@ -46,6 +46,7 @@ def test_errors_share_one_root() -> None:
         sa_dualwrite.MappingError,
         sa_dualwrite.RevertConflict,
         sa_dualwrite.SyncError,
+        sa_dualwrite.UnsyncedWriteError,
     ):
         assert issubclass(error, sa_dualwrite.DualWriteError)
         assert error.__doc__

@@ -31,6 +31,7 @@ from sa_dualwrite._apply import Applier
 from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change, ChangeBuffer
 from sa_dualwrite._context import current_actor, session_key
 from sa_dualwrite._sync import Outcome
+from sa_dualwrite.listeners._bulk import StatementCapture
 from sa_dualwrite.listeners._outbox import OutboxWriter
 from sa_dualwrite.mapping._compile import CompiledMapping
 
@@ -73,6 +74,7 @@ class CaptureListeners:
         applier: Applier,
         in_transaction: bool,
         outbox: OutboxWriter | None = None,
+        unsynced_writes: str = "log",
     ) -> None:
         self.engine = engine
         self.mappings = mappings
@@ -87,6 +89,7 @@ class CaptureListeners:
         self._parked: dict[Connection, list[tuple[ChangeBuffer, str]]] = {}
         self._lock = threading.Lock()
         self._registered: list[Receiver] = []
+        self.statements = StatementCapture(self, unsynced_writes)
 
     def receivers(self) -> list[Receiver]:
         """Return each ``(target, hook, function)`` of this install."""
@@ -96,6 +99,7 @@ class CaptureListeners:
             (Mapper, "after_delete", self._after_delete),
             (Session, "after_commit", self._after_commit),
             (Session, "after_transaction_end", self._after_transaction_end),
+            *self.statements.receivers(),
         ]
         if self.in_transaction:
             table.append((self.engine, "commit", self._commit))
@@ -108,7 +112,9 @@ class CaptureListeners:
         """Listen to every receiver; on failure, remove those added."""
         try:
             for target, hook, function in self.receivers():
-                event.listen(target, hook, function)
+                # A before_execute receiver returns the statement to run.
+                options = {"retval": True} if hook == "before_execute" else {}
+                event.listen(target, hook, function, **options)
                 self._registered.append((target, hook, function))
         except Exception:
             self.unregister()
@@ -122,6 +128,7 @@ class CaptureListeners:
                 event.remove(target, hook, function)
         self._by_connection.clear()
         self._parked.clear()
+        self.statements.clear()
 
     def _mappings_for(
         self, mapper: Mapper[Any]
@@ -304,6 +311,10 @@ class CaptureListeners:
                 self._park(state.connection, buffer, key)
             return
         if buffer:
+            # NOTE: a session joined to an outer transaction gets here
+            # before the database COMMIT, because SQLAlchemy has no event
+            # after a connection's COMMIT; the sync reads inside that
+            # transaction and leaves it open.
             outcomes = self.applier.apply_after_commit(
                 state.connection, buffer.changes(), key
             )
