@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
@@ -287,3 +289,64 @@ def test_missing_ref_fails_change(
 
     assert [a.status for a in audits] == ["failed", "failed"]
     assert "no cross-reference" in audits[1].error
+
+
+def test_failed_flush_in_savepoint(
+    dbs: Databases, install: dw.DualWrite
+) -> None:
+    """A flush error inside a savepoint drops only that savepoint."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta(titulo="outer"))
+        session.flush()
+        savepoint = session.begin_nested()
+        session.add(models.new_alerta(titulo="inner"))
+        session.add(models.Acao(alerta_id=None, tipo="comentar", usuario="x"))
+        with pytest.raises(IntegrityError):
+            session.flush()
+        savepoint.rollback()
+        session.add(models.new_alerta(titulo="after"))
+        session.commit()
+
+    titles = [row.title for row in alerts(dbs.target_engine)]
+
+    assert titles == ["outer", "after"]
+    assert events(dbs.target_engine) == []
+
+
+def test_failed_flush_then_rollback(
+    dbs: Databases, install: dw.DualWrite
+) -> None:
+    """A flush error in the root transaction syncs nothing of it."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta(titulo="lost"))
+        session.flush()
+        session.add(models.Acao(alerta_id=None, tipo="comentar", usuario="x"))
+        with pytest.raises(IntegrityError):
+            session.flush()
+        session.rollback()
+        session.add(models.new_alerta(titulo="next transaction"))
+        session.commit()
+
+    titles = [row.title for row in alerts(dbs.target_engine)]
+
+    assert titles == ["next transaction"]
+    assert len(audit_rows(dbs.target_engine)) == 1
+
+
+def test_many_flushes_are_not_savepoints(
+    dbs: Databases, install: dw.DualWrite
+) -> None:
+    """Each flush runs in an internal subtransaction that merges nothing."""
+    with Session(dbs.source) as session:
+        alerta = models.new_alerta(titulo="v0")
+        session.add(alerta)
+        for step in range(1, 5):
+            session.flush()
+            alerta.titulo = f"v{step}"
+        session.commit()
+        alerta_id = alerta.id
+
+    audits = audit_rows(dbs.target_engine)
+
+    assert alert_for(install, alerta_id).title == "v4"
+    assert [a.operation for a in audits] == ["insert"]
