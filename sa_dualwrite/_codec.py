@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import enum
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from decimal import Decimal
@@ -39,6 +40,9 @@ def python_type(type_: TypeEngine[Any]) -> type | None:
 
 def to_json(value: Any) -> Any:
     """Return ``value`` as a JSON-compatible value, without loss of text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or infinity (PostgreSQL's JSONB rejects them).
+        return str(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, enum.Enum):

@@ -53,6 +53,7 @@ class MappingError(DualWriteError):
         elif field is not None:
             prefix = f"field {field!r}: "
         super().__init__(prefix + message)
+        self.detail = message
         self.mapping = mapping
         self.field = field
 

@@ -39,7 +39,8 @@ DEFAULT_V2_TIMEOUT = 3.0
 _installed: weakref.WeakKeyDictionary[Engine, DualWrite] = (
     weakref.WeakKeyDictionary()
 )
-_installed_lock = threading.Lock()
+# Reentrant: a failed install calls uninstall() while holding it.
+_installed_lock = threading.RLock()
 
 
 def _sync_engine(engine: Any, role: str) -> Engine:

@@ -40,14 +40,21 @@ class JsonLinesFile:
     """structlog processor that appends each event as a JSON line.
 
     Events below ``min_level`` are not written. The file is opened in append
-    mode and written under a lock, one flushed line per event.
+    mode and written under a lock, one flushed line per event. A failed
+    write (a full disk, a removed mount) never reaches the code that logged
+    the event: it is reported on the standard logger ``sa_dualwrite``, once
+    and then every ``REPORT_EVERY`` failures, and the event still goes on to
+    that logger.
     """
+
+    REPORT_EVERY = 1000
 
     def __init__(self, path: str | os.PathLike[str], min_level: int) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._min_level = min_level
         self._lock = threading.Lock()
+        self._failures = 0
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
     def __call__(
@@ -64,15 +71,32 @@ class JsonLinesFile:
         line = json.dumps(record, default=str, ensure_ascii=False)
         with self._lock:
             if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
+                try:
+                    self._file.write(line + "\n")
+                    self._file.flush()
+                except OSError as exc:
+                    self._report_failure(exc)
         return event_dict
+
+    def _report_failure(self, exc: OSError) -> None:
+        self._failures += 1
+        if self._failures % self.REPORT_EVERY != 1:
+            return
+        logging.getLogger(LOGGER_NAME).error(
+            "log_file_write_failed path=%s failures=%d error=%s",
+            self.path,
+            self._failures,
+            exc,
+        )
 
     def close(self) -> None:
         """Close the file; later events are no longer written to it."""
         with self._lock:
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError as exc:
+                    self._report_failure(exc)
                 self._file = None
 
 

@@ -45,8 +45,13 @@ _BigId = BigInteger().with_variant(Integer(), "sqlite")
 _Json = JSON(none_as_null=True).with_variant(
     JSONB(none_as_null=True), "postgresql"
 )
-_Name = String(200)
-_Key = String(500)
+# Mapping names are checked against this length at install time. Keys,
+# session keys and actors come from the application and have no length
+# limit, so that no value of its own can fail a sync or a durable flush.
+MAPPING_NAME_LENGTH = 200
+_Name = String(MAPPING_NAME_LENGTH)
+_Key = Text()
+_Text = Text()
 
 OPERATIONS = ("insert", "update", "delete", "revert")
 STATUSES = ("applied", "failed", "reverted", "replayed")
@@ -81,7 +86,7 @@ audit_table = Table(
     "dualwrite_audit",
     metadata,
     Column("id", _BigId, primary_key=True, autoincrement=True),
-    Column("session_key", _Name),
+    Column("session_key", _Text),
     Column("mapping", _Name, nullable=False),
     Column("operation", String(16), nullable=False),
     Column("v1_pk", _Key),
@@ -91,7 +96,7 @@ audit_table = Table(
     Column("before", _Json),
     Column("after", _Json),
     Column("error", Text),
-    Column("actor", _Name),
+    Column("actor", _Text),
     Column(
         "created_at", DateTime(timezone=True), nullable=False, default=utcnow
     ),
@@ -112,8 +117,8 @@ outbox_table = Table(
     # rows of a committed transaction apart from rows whose id a rolled-back
     # savepoint left free for reuse (SQLite reuses such ids).
     Column("transaction_key", String(32), nullable=False),
-    Column("session_key", _Name),
-    Column("actor", _Name),
+    Column("session_key", _Text),
+    Column("actor", _Text),
     Column("mapping", _Name, nullable=False),
     Column("operation", String(16), nullable=False),
     Column("v1_pk", _Key, nullable=False),

@@ -184,3 +184,26 @@ def test_actor_from_session_info_and_acting_as(
     actors = [row.actor for row in audit_rows(dbs.target_engine)]
 
     assert actors == ["request.user", "batch.job"]
+
+
+def test_log_file_write_error_contained(
+    dbs: Databases, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A log file that cannot be written never fails the commit."""
+    handle = dw.install_dual_write(
+        dbs.source, models.mappings(), target=dbs.target, log_file="/dev/full"
+    )
+    try:
+        handle.create_tables()
+        with (
+            caplog.at_level(logging.ERROR, logger="sa_dualwrite"),
+            Session(dbs.source) as session,
+        ):
+            session.add(models.new_alerta())
+            session.commit()
+    finally:
+        handle.uninstall()
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert audit_rows(dbs.target_engine)[0].status == "applied"
+    assert any(m.startswith("log_file_write_failed") for m in messages)

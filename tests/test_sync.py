@@ -350,3 +350,20 @@ def test_many_flushes_are_not_savepoints(
 
     assert alert_for(install, alerta_id).title == "v4"
     assert [a.operation for a in audits] == ["insert"]
+
+
+def test_long_session_key_and_actor(
+    dbs: Databases, install: dw.DualWrite
+) -> None:
+    """Long session keys and actors are stored whole."""
+    with Session(dbs.source) as session:
+        session.info["dualwrite.session_key"] = "k" * 600
+        with dw.acting_as("a" * 600):
+            session.add(models.new_alerta())
+            session.commit()
+
+    (audit,) = audit_rows(dbs.target_engine)
+
+    assert audit.status == "applied"
+    assert audit.session_key == "k" * 600
+    assert audit.actor == "a" * 600

@@ -39,6 +39,7 @@ from sqlalchemy.orm import (
 
 from sa_dualwrite._codec import encode_key, python_type
 from sa_dualwrite._errors import MappingError, SyncError
+from sa_dualwrite._store import MAPPING_NAME_LENGTH
 from sa_dualwrite.mapping._spec import (
     Compute,
     Const,
@@ -251,6 +252,13 @@ def _compile_one(declaration: Mapping) -> CompiledMapping:
     source_mapper = _mapper_of(source, "source", label)
     target_mapper = _mapper_of(target, "target", label)
     name = declaration.name or _table_name(source_mapper)
+    if len(name) > MAPPING_NAME_LENGTH:
+        raise MappingError(
+            f"the name has {len(name)} characters, more than the "
+            f"{MAPPING_NAME_LENGTH} the audit table stores; give a shorter "
+            "name=",
+            mapping=name[:40] + "...",
+        )
     if source_mapper is target_mapper:
         raise MappingError(
             "source and target are the same class; the target must be the "
@@ -577,6 +585,11 @@ def _coerce_value_keys(
 ) -> dict[Any, Any]:
     """Convert text keys (as TOML and JSON give them) to the source type."""
     source_type = python_type(_expression(prop).type)
+    if source_type is bool:
+        return {
+            _bool_key(mapping, target_attr, prop, key): value
+            for key, value in table.items()
+        }
     if source_type not in (int, float, Decimal):
         return dict(table)
     assert source_type is not None
@@ -595,6 +608,25 @@ def _coerce_value_keys(
                 ) from exc
         coerced[key] = value
     return coerced
+
+
+def _bool_key(
+    mapping: str, target_attr: str, prop: ColumnProperty[Any], key: Any
+) -> Any:
+    """Return a value map key for a boolean source: text becomes a bool."""
+    if not isinstance(key, str):
+        return key
+    lowered = key.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise MappingError(
+        f"value map key {key!r} is not a boolean like source {prop.key!r}; "
+        "use true or false",
+        mapping=mapping,
+        field=target_attr,
+    )
 
 
 def _resolve_function(
@@ -697,7 +729,7 @@ def _compile_on_delete(
             )
         except MappingError as exc:
             raise MappingError(
-                f"on_delete assigns {target_attr!r}: {exc}",
+                f"on_delete assigns {target_attr!r}: {exc.detail}",
                 mapping=mapping,
                 field="on_delete",
             ) from exc

@@ -320,3 +320,63 @@ def test_install_raises_mapping_error(pg_engine: Any) -> None:
         dw.install_dual_write(
             pg_engine, [_alert(title="titolo")], log_file=None
         )
+
+
+def test_on_delete_error_names_field_once() -> None:
+    """The on_delete error carries one mapping and field prefix."""
+    mapping = models.alert_mapping(on_delete={"stat": "deleted"})
+
+    with pytest.raises(dw.MappingError) as caught:
+        _compile(mapping)
+
+    assert str(caught.value).count("mapping 'alertas'") == 1
+
+
+def test_boolean_value_map_coerced() -> None:
+    """A boolean source's text keys become True and False."""
+
+    class BoolBase(DeclarativeBase):
+        pass
+
+    class Toggle(BoolBase):
+        __tablename__ = "toggle"
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+        active: Mapped[bool]
+
+    class ToggleTarget(BoolBase):
+        __tablename__ = "toggle_target"
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+        state: Mapped[str] = mapped_column(Text)
+
+    mapping = dw.Mapping(
+        name="toggle",
+        source=Toggle,
+        target=ToggleTarget,
+        fields={
+            "id": "id",
+            "state": dw.values("active", {"true": "on", "False": "off"}),
+        },
+    )
+
+    (field,) = [
+        item
+        for item in _compile(mapping)["toggle"].fields
+        if item.target_attr == "state"
+    ]
+
+    assert field.table == {True: "on", False: "off"}
+
+
+def test_long_mapping_name() -> None:
+    """A mapping name longer than the audit column is rejected."""
+    mapping = dw.Mapping(
+        name="x" * 201,
+        source=models.Alerta,
+        target=models.Alert,
+        fields=dict(models.alert_mapping().fields),
+    )
+
+    with pytest.raises(dw.MappingError, match="shorter"):
+        _compile(mapping)
