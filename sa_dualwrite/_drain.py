@@ -41,7 +41,7 @@ from sa_dualwrite import _outbox, _store
 from sa_dualwrite._apply import _end_read
 from sa_dualwrite._buffer import DELETE, Change, ChangeBuffer, RowKey
 from sa_dualwrite._codec import decode_key
-from sa_dualwrite._outbox import one_line
+from sa_dualwrite._errors import one_line
 from sa_dualwrite._sync import Outcome, sync_changes
 
 if TYPE_CHECKING:

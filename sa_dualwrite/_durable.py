@@ -37,7 +37,8 @@ from sa_dualwrite import _outbox
 from sa_dualwrite._apply import Applier, _end_read
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
-from sa_dualwrite._outbox import RetryPolicy, one_line
+from sa_dualwrite._errors import one_line
+from sa_dualwrite._outbox import RetryPolicy
 from sa_dualwrite._sync import Outcome, sync_changes
 from sa_dualwrite.listeners._outbox import (
     current_transaction_key,

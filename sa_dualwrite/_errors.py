@@ -121,3 +121,14 @@ class UnsyncedWriteError(DualWriteError):
         self.table = table
         self.operation = operation
         self.reason = reason
+
+
+def one_line(exc: BaseException) -> str:
+    """Return the first line of an error, with its type, for a message."""
+    original = getattr(exc, "orig", None)
+    source = original if original is not None else exc
+    text = str(source).strip()
+    first = text.splitlines()[0] if text else ""
+    return (
+        f"{type(source).__name__}: {first}" if first else type(source).__name__
+    )

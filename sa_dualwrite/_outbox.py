@@ -106,17 +106,6 @@ class RetryPolicy:
         return attempts >= self.max_attempts
 
 
-def one_line(exc: BaseException) -> str:
-    """Return the first line of an error, with its type, for a message."""
-    original = getattr(exc, "orig", None)
-    source = original if original is not None else exc
-    text = str(source).strip()
-    first = text.splitlines()[0] if text else ""
-    return (
-        f"{type(source).__name__}: {first}" if first else type(source).__name__
-    )
-
-
 def new_rows(
     changes: Sequence[Change], *, transaction_key: str, session_key: str
 ) -> list[dict[str, Any]]:

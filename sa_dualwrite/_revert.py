@@ -7,12 +7,13 @@ from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Row, delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from sa_dualwrite import _store, signals
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import decode_key, from_json, to_json
 from sa_dualwrite._context import _actor
-from sa_dualwrite._errors import DualWriteError, RevertConflict
+from sa_dualwrite._errors import DualWriteError, RevertConflict, one_line
 from sa_dualwrite._sync import Outcome, sync_changes
 from sa_dualwrite.mapping._compile import CompiledMapping
 
@@ -203,7 +204,15 @@ def revert(
         new_rows = []
         for row in rows:
             mapping = handle._mapping(row.mapping)
-            new_rows.append(_undo_one(connection, mapping, row, force))
+            try:
+                new_rows.append(_undo_one(connection, mapping, row, force))
+            except SQLAlchemyError as exc:
+                raise DualWriteError(
+                    f"reverting audit row {row.id} ({row.operation} of "
+                    f"{mapping.target_table.name} key {row.v2_pk}) failed: "
+                    f"{one_line(exc)}; nothing was reverted. Revert the rows "
+                    "that depend on it first, or fix the target row by hand"
+                ) from exc
         new_ids = _store.insert_audit(connection, new_rows)
         for row, new_id in zip(rows, new_ids, strict=True):
             connection.execute(
@@ -230,14 +239,29 @@ def revert(
     return new_ids
 
 
-def _select_failed(
+# Failed changes are replayed in transactions of at most this many changes,
+# so that one chunk that cannot be written stops only itself, and so that
+# the row locks of a chunk stay well within PostgreSQL's lock table.
+REPLAY_CHUNK = 500
+
+
+def _failed_ids(
     connection: Connection, ids: Sequence[int] | None
 ) -> list[Row[Any]]:
-    statement = select(audit).order_by(audit.c.id).with_for_update()
+    """Return the audit rows to replay, oldest first, checking given ids."""
+    columns = (
+        audit.c.id,
+        audit.c.mapping,
+        audit.c.status,
+        audit.c.session_key,
+    )
+    statement = select(*columns).order_by(audit.c.id)
+    rows: list[Row[Any]]
     if ids is None:
-        return list(
+        rows = list(
             connection.execute(statement.where(audit.c.status == "failed"))
         )
+        return rows
     rows = list(connection.execute(statement.where(audit.c.id.in_(ids))))
     found = {row.id for row in rows}
     missing = [audit_id for audit_id in ids if audit_id not in found]
@@ -252,6 +276,31 @@ def _select_failed(
     return rows
 
 
+def _skip_unknown(
+    handle: DualWrite, rows: list[Row[Any]], explicit: bool
+) -> list[Row[Any]]:
+    """Drop rows of mappings that are not installed, logging them."""
+    known = handle.mappings
+    unknown = [row for row in rows if row.mapping not in known]
+    if not unknown:
+        return rows
+    names = sorted({row.mapping for row in unknown})
+    if explicit:
+        raise DualWriteError(
+            f"audit rows {[row.id for row in unknown]} belong to mappings "
+            f"that are not installed ({', '.join(names)}); install them to "
+            "replay these rows"
+        )
+    handle.logger.warning(
+        "replay_skipped",
+        mappings=names,
+        audit_ids=[row.id for row in unknown][:100],
+        changes=len(unknown),
+        reason="mapping not installed",
+    )
+    return [row for row in rows if row.mapping in known]
+
+
 def _change_of(handle: DualWrite, row: Row[Any]) -> Change:
     mapping = handle._mapping(row.mapping)
     return Change(
@@ -263,76 +312,120 @@ def _change_of(handle: DualWrite, row: Row[Any]) -> Change:
     )
 
 
+def _chunks_by_session(
+    items: Sequence[Any], session_of: Any
+) -> list[list[Any]]:
+    """Split ``items`` into runs of one session key, REPLAY_CHUNK long."""
+    chunks: list[list[Any]] = []
+    for _, same_session in groupby(items, key=session_of):
+        batch = list(same_session)
+        chunks.extend(
+            batch[start : start + REPLAY_CHUNK]
+            for start in range(0, len(batch), REPLAY_CHUNK)
+        )
+    return chunks
+
+
 def replay(handle: DualWrite, ids: Sequence[int] | None) -> list[int]:
-    """Retry failed changes; see :meth:`DualWrite.replay`."""
+    """Retry failed changes; see :meth:`DualWrite.replay`.
+
+    Each chunk of changes is replayed in its own target transaction, which
+    first locks its audit rows and skips those another replay took. A chunk
+    that fails as a whole stops the replay with a DualWriteError; the chunks
+    before it stay replayed.
+    """
+    with handle.target.connect() as connection:
+        candidates = _failed_ids(connection, ids)
+    candidates = _skip_unknown(handle, candidates, explicit=ids is not None)
     unrecorded = handle.applier.take_unrecorded() if ids is None else []
-    reports: list[tuple[list[Outcome], str | None]] = []
-    try:
-        with handle.target.begin() as connection:
-            source = connection if handle.in_transaction else None
-            rows = _select_failed(connection, ids)
-            work: list[tuple[str | None, list[Change], list[int]]] = []
-            for key, same_session in groupby(
-                rows, key=lambda row: row.session_key
-            ):
-                batch = list(same_session)
-                work.append(
-                    (
-                        key,
-                        [_change_of(handle, row) for row in batch],
-                        [row.id for row in batch],
-                    )
-                )
-            for key, unaudited in groupby(
-                unrecorded, key=lambda item: item[1]
-            ):
-                work.append((key, [change for change, _ in unaudited], []))
-            reports = _replay_work(handle, connection, source, work)
-    except Exception:
-        for change, key in unrecorded:
-            handle.applier.unrecorded.append((change, key))
-        raise
 
     new_ids: list[int] = []
-    for outcomes, key in reports:
-        handle.applier.report(outcomes, key)
-        new_ids.extend(
-            outcome.audit_id
-            for outcome in outcomes
-            if outcome.audit_id is not None
-        )
+    audited = _chunks_by_session(candidates, lambda row: row.session_key)
+    kept = _chunks_by_session(unrecorded, lambda item: item[1])
+    try:
+        for chunk in audited:
+            new_ids.extend(_replay_audited(handle, [row.id for row in chunk]))
+        while kept:
+            chunk_items = kept[0]
+            changes = [change for change, _ in chunk_items]
+            new_ids.extend(_replay_changes(handle, changes, chunk_items[0][1]))
+            kept.pop(0)
+    except Exception as exc:
+        for chunk_items in kept:
+            handle.applier.unrecorded.extend(chunk_items)
+        raise DualWriteError(
+            f"replay stopped after {len(new_ids)} change(s): {exc}; fix the "
+            "cause and call replay() again"
+        ) from exc
     handle.logger.info("replay_finished", changes=len(new_ids))
     return new_ids
 
 
-def _replay_work(
+def _replay_audited(handle: DualWrite, ids: list[int]) -> list[int]:
+    """Replay one chunk of failed audit rows that are still failed."""
+    with handle.target.begin() as connection:
+        rows = list(
+            connection.execute(
+                select(audit)
+                .where(audit.c.id.in_(ids), audit.c.status == "failed")
+                .order_by(audit.c.id)
+                .with_for_update()
+            )
+        )
+        if not rows:
+            return []
+        changes = [_change_of(handle, row) for row in rows]
+        outcomes = _sync_chunk(
+            handle, connection, changes, rows[0].session_key
+        )
+        connection.execute(
+            update(audit)
+            .where(audit.c.id.in_([row.id for row in rows]))
+            .values(status="replayed")
+        )
+    return _reported(handle, outcomes, rows[0].session_key)
+
+
+def _replay_changes(
+    handle: DualWrite, changes: list[Change], session_key: str | None
+) -> list[int]:
+    """Replay changes that failed without an audit row."""
+    with handle.target.begin() as connection:
+        outcomes = _sync_chunk(handle, connection, changes, session_key)
+    return _reported(handle, outcomes, session_key)
+
+
+def _sync_chunk(
     handle: DualWrite,
     connection: Connection,
-    source: Connection | None,
-    work: list[tuple[str | None, list[Change], list[int]]],
-) -> list[tuple[list[Outcome], str | None]]:
-    reports = []
-    own_source = source is None
-    reader = source if source is not None else handle.engine.connect()
-    try:
-        all_changes = [change for _, changes, _ in work for change in changes]
-        handle.applier.lock_rows(connection, all_changes)
-        for key, changes, old_ids in work:
-            outcomes = sync_changes(
-                changes,
-                source=reader,
-                target=connection,
-                mappings=handle.mappings,
-                session_key=key,
-            )
-            if old_ids:
-                connection.execute(
-                    update(audit)
-                    .where(audit.c.id.in_(old_ids))
-                    .values(status="replayed")
-                )
-            reports.append((outcomes, key))
-    finally:
-        if own_source:
-            reader.close()
-    return reports
+    changes: list[Change],
+    session_key: str | None,
+) -> list[Outcome]:
+    handle.applier.lock_rows(connection, changes)
+    if handle.in_transaction:
+        return sync_changes(
+            changes,
+            source=connection,
+            target=connection,
+            mappings=handle.mappings,
+            session_key=session_key,
+        )
+    with handle.engine.connect() as reader:
+        return sync_changes(
+            changes,
+            source=reader,
+            target=connection,
+            mappings=handle.mappings,
+            session_key=session_key,
+        )
+
+
+def _reported(
+    handle: DualWrite, outcomes: list[Outcome], session_key: str | None
+) -> list[int]:
+    handle.applier.report(outcomes, session_key)
+    return [
+        outcome.audit_id
+        for outcome in outcomes
+        if outcome.audit_id is not None
+    ]

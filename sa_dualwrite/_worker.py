@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sa_dualwrite._drain import DrainResult
-from sa_dualwrite._outbox import one_line
+from sa_dualwrite._errors import one_line
 
 if TYPE_CHECKING:
     from sa_dualwrite._install import DualWrite

@@ -32,9 +32,8 @@ from sa_dualwrite._config import (
     make_engine,
     resolve_mappings,
 )
-from sa_dualwrite._errors import DualWriteError, RevertConflict
+from sa_dualwrite._errors import DualWriteError, RevertConflict, one_line
 from sa_dualwrite._install import DualWrite, install_dual_write
-from sa_dualwrite._outbox import one_line
 from sa_dualwrite._store import STATUSES
 
 __all__ = ["main"]

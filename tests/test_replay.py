@@ -108,3 +108,28 @@ def test_replay_resolves_refs_in_order(
 def test_replay_nothing_failed(install: dw.DualWrite) -> None:
     """replay() with nothing failed returns no ids."""
     assert install.replay() == []
+
+
+def test_replay_skips_uninstalled_mapping(
+    dbs: Databases, install: dw.DualWrite
+) -> None:
+    """Failed rows of a mapping not installed are skipped, not fatal."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta(status="pendente"))
+        session.commit()
+    with dbs.target_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO dualwrite_audit (mapping, operation, v1_pk, "
+                "status, created_at) VALUES ('gone', 'insert', '1', "
+                "'failed', CURRENT_TIMESTAMP)"
+            )
+        )
+
+    new_ids = install.replay()
+
+    statuses = [row.status for row in audit_rows(dbs.target_engine)]
+    assert len(new_ids) == 1
+    assert statuses == ["replayed", "failed", "failed"]
+    with pytest.raises(dw.DualWriteError, match="not installed"):
+        install.replay([audit_rows(dbs.target_engine)[1].id])

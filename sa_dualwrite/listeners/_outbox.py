@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sa_dualwrite import _outbox
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._context import session_key
-from sa_dualwrite._errors import DualWriteError
+from sa_dualwrite._errors import DualWriteError, one_line
 
 __all__ = ["OutboxWriter", "current_transaction_key", "last_transaction_key"]
 
@@ -143,7 +143,7 @@ class OutboxWriter:
             raise DualWriteError(
                 f"writing {len(rows)} changes to the outbox table "
                 f"{_outbox.outbox.name} failed, so the source write was "
-                f"not committed: {_outbox.one_line(exc)}; create the table "
-                "with DualWrite.create_tables() or from "
+                f"not committed: {one_line(exc)}. If the table is missing, "
+                "create it with DualWrite.create_tables() or from "
                 "sa_dualwrite.outbox_metadata in a migration"
             ) from exc
