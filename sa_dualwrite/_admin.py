@@ -73,8 +73,11 @@ def status(handle: DualWrite) -> list[MappingStatus]:
     with handle.target.connect() as connection:
         if not inspect(connection).has_table(audit.name):
             raise DualWriteError(
-                f"table {audit.name} not found in the target database; "
-                "create it with DualWrite.create_tables()"
+                f"table {audit.name} not found in the target database "
+                f"{handle.target.url.render_as_string(hide_password=True)}; "
+                "check that --v2-url names the V2 database (without it, V2 "
+                "is the V1 database), or create the tables with "
+                "DualWrite.create_tables()"
             )
         result = connection.execute(
             select(audit.c.mapping, audit.c.status, func.count())

@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import click
@@ -99,6 +100,10 @@ def _handle(params: dict[str, Any]) -> Iterator[DualWrite]:
     }
     for key in ("v1_url", "v2_url", "mappings", "log_file"):
         params.pop(key, None)
+    if "mappings" in overrides:
+        # A mapping file named on the command line is relative to the
+        # working directory, not to the config file.
+        overrides["base_dir"] = Path.cwd()
     config = config.model_copy(update=overrides)
     if config.v1_url is None:
         raise DualWriteError(
@@ -376,7 +381,9 @@ def revert(
     --session-key. Exits with 3 when a V2 row changed since (a conflict)
     and --force is not given.
     """
-    if (audit_id is None) == (session_key is None):
+    if audit_id is None and session_key is None:
+        raise click.UsageError("give an AUDIT_ID or --session-key")
+    if audit_id is not None and session_key is not None:
         raise click.UsageError("give an AUDIT_ID or --session-key, not both")
     with _handle(params) as handle:
         if dry_run:
