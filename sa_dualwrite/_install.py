@@ -222,6 +222,25 @@ class DualWrite:
             return _admin.replay_durable(self, wanted)
         return _revert.replay(self, wanted)
 
+    def resync(
+        self,
+        mapping_name: str,
+        v1_pks: Iterable[Any],
+        *,
+        session_key: str | None = None,
+    ) -> list[int]:
+        """Sync source rows to the target from their current state.
+
+        Use it for rows that ``verify()`` reports as missing or different,
+        or after writes the library cannot see (raw SQL, triggers). Each
+        key is a value, or a tuple for a composite key. A row that exists
+        is inserted or updated in the target; a row that no longer exists
+        is handled as ``on_delete`` says. Each row gets an audit row, with
+        ``session_key`` (default: a new ``resync-...`` key) so that the
+        whole resync can be reverted. Returns the new audit ids.
+        """
+        return _revert.resync(self, mapping_name, list(v1_pks), session_key)
+
     def drain(
         self,
         *,

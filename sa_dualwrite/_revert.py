@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
@@ -429,3 +430,40 @@ def _reported(
         for outcome in outcomes
         if outcome.audit_id is not None
     ]
+
+
+def resync(
+    handle: DualWrite,
+    mapping_name: str,
+    v1_pks: Sequence[Any],
+    session_key: str | None,
+) -> list[int]:
+    """Sync source rows from their current state; see DualWrite.resync."""
+    mapping = handle._mapping(mapping_name)
+    key = session_key or f"resync-{uuid.uuid4()}"
+    changes = [
+        Change(
+            mapping.name,
+            "update",
+            _as_key(value),
+            frozenset(mapping.source_attrs),
+            _actor.get(),
+        )
+        for value in v1_pks
+    ]
+    new_ids: list[int] = []
+    for start in range(0, len(changes), REPLAY_CHUNK):
+        chunk = changes[start : start + REPLAY_CHUNK]
+        new_ids.extend(_replay_changes(handle, chunk, key))
+    handle.logger.info(
+        "resync_finished", mapping=mapping.name, changes=len(new_ids)
+    )
+    return new_ids
+
+
+def _as_key(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    return (value,)

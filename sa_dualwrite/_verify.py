@@ -359,7 +359,7 @@ def _compare_batch(
                     v1_key,
                     None,
                     "no cross-reference: the row was never synced or its "
-                    "sync failed; replay its failed change",
+                    "sync failed; replay its failed change, or resync() it",
                 )
             )
             continue
@@ -371,7 +371,7 @@ def _compare_batch(
                     v1_key,
                     v2_key,
                     "the cross-referenced target row does not exist; "
-                    "delete the cross-reference row, then replay",
+                    "delete the cross-reference row, then resync() it",
                 )
             )
             continue
@@ -517,7 +517,7 @@ def _check_deleted(
             v1_key,
             v2_key,
             "the source row was deleted but the target row remains; "
-            "replay the delete, or revert the insert",
+            "resync() it, or revert the insert",
         )
     )
 

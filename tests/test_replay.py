@@ -133,3 +133,29 @@ def test_replay_skips_uninstalled_mapping(
     assert statuses == ["replayed", "failed", "failed"]
     with pytest.raises(dw.DualWriteError, match="not installed"):
         install.replay([audit_rows(dbs.target_engine)[1].id])
+
+
+def test_resync_repairs_invisible_writes(
+    dbs: Databases, install: dw.DualWrite
+) -> None:
+    """resync() syncs rows changed by raw SQL, then verify agrees."""
+    with Session(dbs.source) as session:
+        first = models.new_alerta(titulo="one")
+        second = models.new_alerta(titulo="two")
+        session.add_all([first, second])
+        session.commit()
+        keys = [first.id, second.id]
+    with dbs.source.begin() as connection:
+        connection.execute(text("UPDATE alertas SET titulo = 'raw'"))
+        connection.execute(
+            text("DELETE FROM alertas WHERE id = :id"), {"id": keys[1]}
+        )
+    assert not install.verify().agrees
+
+    new_ids = install.resync("alertas", keys, session_key="repair-1")
+
+    rows = audit_rows(dbs.target_engine, session_key="repair-1")
+    assert install.verify().agrees
+    assert len(new_ids) == 2
+    assert [row.operation for row in rows] == ["update", "delete"]
+    assert alert_for(install, keys[0]).title == "raw"
