@@ -69,11 +69,23 @@ class Measurement:
     caught_up_seconds: float
     p50_ms: float
     p99_ms: float
+    round_trips: int
+    cpu_seconds: float
 
     @property
     def ops_per_second(self) -> float:
         """Changes per second while the V1 writes ran."""
         return self.changes / self.seconds
+
+    @property
+    def round_trips_per_transaction(self) -> float:
+        """Database round trips per V1 transaction, both databases."""
+        return self.round_trips / self.transactions
+
+    @property
+    def cpu_ms_per_transaction(self) -> float:
+        """CPU time of this process per V1 transaction, in milliseconds."""
+        return self.cpu_seconds * 1000 / self.transactions
 
     @property
     def end_to_end(self) -> float:
@@ -122,7 +134,11 @@ def run_once(
     scenario.reset()
     with scenario.installed() as handle:
         profiler = _start_profiler() if profile_dir is not None else None
+        scenario.round_trips = 0
+        cpu_started = time.process_time()
         result = workload.run(scenario.source_engine, transactions)
+        cpu_seconds = time.process_time() - cpu_started
+        round_trips = scenario.round_trips
         caught = _wait_caught_up(scenario, handle, result)
         if profiler is not None:
             assert profile_dir is not None
@@ -139,6 +155,8 @@ def run_once(
         caught_up_seconds=caught - result.started,
         p50_ms=percentile(result.latencies, 0.5) * 1000,
         p99_ms=percentile(result.latencies, 0.99) * 1000,
+        round_trips=round_trips,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -235,7 +253,9 @@ def _progress(m: Measurement) -> str:
     return (
         f"  rep {m.repetition} {m.workload} {m.scenario:<16} "
         f"{m.ops_per_second:9.0f} ops/s  p50 {m.p50_ms:7.2f} ms  "
-        f"p99 {m.p99_ms:7.2f} ms  caught up {m.caught_up_seconds:7.2f} s"
+        f"p99 {m.p99_ms:7.2f} ms  caught up {m.caught_up_seconds:7.2f} s  "
+        f"{m.round_trips_per_transaction:5.1f} trips/txn  "
+        f"CPU {m.cpu_ms_per_transaction:6.2f} ms/txn"
     )
 
 
@@ -307,6 +327,33 @@ def table_rows(
                 )
                 row.append("-" if found is None else f"{found:.2f}")
         rows.append(row)
+    return header, rows
+
+
+def cost_rows(
+    measurements: list[Measurement], workload: str, scenarios: list[str]
+) -> tuple[list[str], list[list[str]]]:
+    """Return round trips and client CPU time per transaction, by scenario.
+
+    CPU time is that of the benchmark process only (the V1 application
+    and sa_dualwrite), not that of the PostgreSQL server.
+    """
+    header = ["scenario", "round trips/txn", "client CPU ms/txn"]
+    rows = []
+    for scenario in scenarios:
+        trips = median_of(
+            measurements, workload, scenario, "round_trips_per_transaction"
+        )
+        cpu = median_of(
+            measurements, workload, scenario, "cpu_ms_per_transaction"
+        )
+        rows.append(
+            [
+                scenario,
+                "-" if trips is None else f"{trips:.1f}",
+                "-" if cpu is None else f"{cpu:.2f}",
+            ]
+        )
     return header, rows
 
 
@@ -390,6 +437,9 @@ def report(
                 f"{transactions:.0f} transactions, {changes:.0f} changes\n"
             )
         header, rows = table_rows(measurements, workload.name, scenarios)
+        click.echo(render_table(header, rows, markdown=markdown))
+        click.echo("")
+        header, rows = cost_rows(measurements, workload.name, scenarios)
         click.echo(render_table(header, rows, markdown=markdown))
     lines = target_lines(measurements)
     if lines:

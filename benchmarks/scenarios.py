@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
 import sa_dualwrite as dw
@@ -44,7 +44,12 @@ def durable_supported() -> bool:
 
 @dataclass
 class Scenario:
-    """One way of writing V1, with the databases it writes to."""
+    """One way of writing V1, with the databases it writes to.
+
+    ``round_trips`` counts the statements, commits and rollbacks sent to
+    its databases through SQLAlchemy. The BEGIN that psycopg sends before
+    the first statement of a transaction is not counted.
+    """
 
     name: str
     description: str
@@ -53,6 +58,7 @@ class Scenario:
     durable: bool = False
     source: Engine | None = field(default=None, repr=False)
     target: Engine | None = field(default=None, repr=False)
+    round_trips: int = 0
     _log_dir: Path | None = field(default=None, repr=False)
 
     @property
@@ -86,6 +92,10 @@ class Scenario:
         self.source = create_engine(server.set(database=self.databases[0]))
         if self.separate_target:
             self.target = create_engine(server.set(database=self.databases[1]))
+        for engine in (self.source, self.target):
+            if engine is not None:
+                for hook in ("before_cursor_execute", "commit", "rollback"):
+                    event.listen(engine, hook, self._count_round_trip)
         V1Base.metadata.create_all(self.source)
         _store.outbox_metadata.create_all(self.source)
         if self.has_target:
@@ -95,6 +105,9 @@ class Scenario:
             with self.source.begin() as connection:
                 connection.exec_driver_sql(TRIGGER_SQL.read_text())
         self._log_dir = Path(tempfile.mkdtemp(prefix="sadw_bench_logs_"))
+
+    def _count_round_trip(self, *args: Any) -> None:
+        self.round_trips += 1
 
     def reset(self) -> None:
         """Empty every table and restart the identity sequences."""
