@@ -28,7 +28,12 @@ from sqlalchemy import Connection, Engine, text
 from sa_dualwrite import _store, signals
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
-from sa_dualwrite._sync import Outcome, SyncTimeout, sync_changes
+from sa_dualwrite._sync import (
+    Outcome,
+    SyncTimeout,
+    sync_changes,
+    sync_changes_fast,
+)
 from sa_dualwrite.mapping._compile import CompiledMapping
 
 __all__ = ["Applier"]
@@ -92,8 +97,27 @@ class Applier:
 
         Runs just before the source COMMIT. Everything happens under one
         savepoint, so a failure leaves the source transaction as it was.
+        On PostgreSQL the changes are first applied in as few statements as
+        possible; when that fails, the savepoint is rolled back and the
+        changes are applied again, each failing change alone.
         """
         deadline = time.monotonic() + self.timeout
+        if _has_fast_path(connection):
+            try:
+                with connection.begin_nested():
+                    saved = self._set_timeouts(connection, deadline)
+                    outcomes = sync_changes_fast(
+                        changes,
+                        source=connection,
+                        target=connection,
+                        mappings=self.mappings,
+                        session_key=session_key,
+                        deadline=deadline,
+                    )
+                    self._restore_timeouts(connection, saved)
+                    return outcomes
+            except Exception as exc:
+                self._log_fast_failure(exc, changes)
         try:
             with connection.begin_nested():
                 saved = self._set_timeouts(connection, deadline)
@@ -147,6 +171,22 @@ class Applier:
         session_key: str | None,
         deadline: float,
     ) -> list[Outcome]:
+        if _has_fast_path(target):
+            try:
+                with target.begin():
+                    self._set_timeouts(target, deadline)
+                    self.lock_rows(target, changes)
+                    return sync_changes_fast(
+                        changes,
+                        source=source,
+                        target=target,
+                        mappings=self.mappings,
+                        session_key=session_key,
+                        deadline=deadline,
+                    )
+            except Exception as exc:
+                self._log_fast_failure(exc, changes)
+                _end_read(source, close=False)
         try:
             with target.begin():
                 self._begin_write(target)
@@ -166,6 +206,15 @@ class Applier:
             return self._record_failures(
                 target, changes, session_key, exc, nested=False
             )
+
+    def _log_fast_failure(
+        self, exc: Exception, changes: Sequence[Change]
+    ) -> None:
+        self.logger.debug(
+            "sync_retried_change_by_change",
+            error=_one_line(exc),
+            changes=len(changes),
+        )
 
     def _connect_target(self, deadline: float) -> Connection:
         """Check out a target connection, waiting until ``deadline`` only.
@@ -357,6 +406,11 @@ class Applier:
             connector, self._connector = self._connector, None
         if connector is not None:
             connector.shutdown(wait=False, cancel_futures=True)
+
+
+def _has_fast_path(connection: Connection) -> bool:
+    """Return whether :func:`sync_changes_fast` can write to ``connection``."""
+    return connection.dialect.name == "postgresql"
 
 
 def _failed(change: Change, exc: BaseException) -> Outcome:

@@ -9,6 +9,7 @@ SQLAlchemy's compiled cache serves every later call.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,15 +22,19 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
     bindparam,
+    cast,
     delete,
+    func,
     insert,
     select,
+    true,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 __all__ = [
     "audit_table",
@@ -208,3 +213,141 @@ def insert_audit(
         return ids
     result = connection.execute(_insert_audit_returning, list(rows))
     return [int(audit_id) for audit_id in result.scalars()]
+
+
+# PostgreSQL: the audit rows and the cross-reference rows of one sync in one
+# statement, each column sent as one array. Audit ids are assigned in the
+# order of the rows given (INSERT ... SELECT ... ORDER BY draws the serial
+# values in that order, as SQLAlchemy's insertmanyvalues also relies on),
+# and the ids come back sorted, so they line up with the rows given.
+_AUDIT_ARRAYS = (
+    "session_key",
+    "mapping",
+    "operation",
+    "v1_pk",
+    "v2_pk",
+    "status",
+    "changes",
+    "before",
+    "after",
+    "error",
+    "actor",
+)
+_AUDIT_JSON = ("changes", "before", "after")
+_XREF_ARRAYS = ("mapping", "v1_pk", "v2_pk")
+
+
+def _unnest(prefix: str, names: Sequence[str], **kw: Any) -> Any:
+    arrays = [
+        bindparam(f"{prefix}_{name}", type_=ARRAY(Text)) for name in names
+    ]
+    return (
+        func.unnest(*arrays)
+        .table_valued(*names, **kw)
+        .render_derived(name=f"{prefix}_source")
+    )
+
+
+def _pg_audit_statement(restore: bool) -> Select[Any]:
+    created_at = bindparam("created_at", type_=DateTime(timezone=True))
+    audit_source = _unnest("audit", _AUDIT_ARRAYS, with_ordinality="ordinal")
+    audit_columns = [
+        cast(audit_source.c[name], JSONB)
+        if name in _AUDIT_JSON
+        else audit_source.c[name]
+        for name in _AUDIT_ARRAYS
+    ]
+    audit_rows = (
+        insert(audit_table)
+        .from_select(
+            [*_AUDIT_ARRAYS, "created_at"],
+            select(*audit_columns, created_at).order_by(
+                audit_source.c.ordinal
+            ),
+        )
+        .returning(audit_table.c.id)
+        .cte("audit_rows")
+    )
+    xref_source = _unnest("xref", _XREF_ARRAYS)
+    xref_rows = (
+        insert(xref_table)
+        .from_select(
+            [*_XREF_ARRAYS, "created_at"],
+            select(
+                *(xref_source.c[name] for name in _XREF_ARRAYS), created_at
+            ),
+        )
+        .cte("xref_rows")
+    )
+    statement = select(audit_rows.c.id).add_cte(xref_rows)
+    if restore:
+        # Transaction-local settings put back by the same statement. The
+        # one-row settings side drives the join, so that they are set back
+        # even when no audit row is written.
+        settings = select(
+            func.set_config(
+                "statement_timeout",
+                bindparam("statement_timeout", type_=Text),
+                true(),
+            ).label("statement_timeout"),
+            func.set_config(
+                "lock_timeout", bindparam("lock_timeout", type_=Text), true()
+            ).label("lock_timeout"),
+        ).cte("restored_settings")
+        statement = statement.select_from(
+            settings.outerjoin(audit_rows, true())
+        )
+    return statement.order_by(audit_rows.c.id)
+
+
+_pg_insert_audit = _pg_audit_statement(restore=False)
+_pg_insert_audit_restoring = _pg_audit_statement(restore=True)
+
+
+def insert_audit_and_xref(
+    connection: Connection,
+    audit_rows: Sequence[dict[str, Any]],
+    xref_rows: Sequence[dict[str, Any]],
+    restore: dict[str, Any] | None = None,
+) -> list[int]:
+    """Insert audit and cross-reference rows on PostgreSQL; return audit ids.
+
+    Each statement writes up to :data:`CHUNK` rows of each kind. The JSON
+    columns of ``audit_rows`` hold JSON-compatible values, as for
+    :func:`insert_audit`. ``restore`` maps ``statement_timeout`` and
+    ``lock_timeout`` to the values that the last statement sets back for
+    the rest of the transaction.
+    """
+    created_at = utcnow()
+    audit_parts = list(chunks(audit_rows))
+    xref_parts = list(chunks(xref_rows))
+    count = max(len(audit_parts), len(xref_parts), 1)
+    ids: list[int] = []
+    for index in range(count):
+        audit_part = audit_parts[index] if index < len(audit_parts) else []
+        xref_part = xref_parts[index] if index < len(xref_parts) else []
+        params: dict[str, Any] = {"created_at": created_at}
+        for name in _AUDIT_ARRAYS:
+            encode = _json_text if name in _AUDIT_JSON else _same
+            params[f"audit_{name}"] = [encode(row[name]) for row in audit_part]
+        for name in _XREF_ARRAYS:
+            params[f"xref_{name}"] = [row[name] for row in xref_part]
+        statement = _pg_insert_audit
+        if restore is not None and index == count - 1:
+            statement = _pg_insert_audit_restoring
+            params.update(restore)
+        result = connection.execute(statement, params)
+        ids.extend(
+            int(audit_id)
+            for audit_id in result.scalars()
+            if audit_id is not None
+        )
+    return ids
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _same(value: Any) -> Any:
+    return value
