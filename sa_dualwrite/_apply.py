@@ -113,6 +113,7 @@ class Applier:
                         mappings=self.mappings,
                         session_key=session_key,
                         deadline=deadline,
+                        fresh_inserts=True,
                     )
                     self._restore_timeouts(connection, saved)
                     return outcomes
