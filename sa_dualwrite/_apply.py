@@ -105,8 +105,7 @@ class Applier:
         if _has_fast_path(connection):
             try:
                 with connection.begin_nested():
-                    saved = self._set_timeouts(connection, deadline)
-                    outcomes = sync_changes_fast(
+                    return sync_changes_fast(
                         changes,
                         source=connection,
                         target=connection,
@@ -114,9 +113,8 @@ class Applier:
                         session_key=session_key,
                         deadline=deadline,
                         fresh_inserts=True,
+                        set_timeouts=True,
                     )
-                    self._restore_timeouts(connection, saved)
-                    return outcomes
             except Exception as exc:
                 self._log_fast_failure(exc, changes)
         try:

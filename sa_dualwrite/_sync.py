@@ -24,6 +24,7 @@ therefore has the effect of applying it once.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -32,10 +33,14 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Row,
+    Select,
+    Text,
     bindparam,
     delete,
+    func,
     insert,
     select,
+    true,
     tuple_,
     update,
 )
@@ -144,8 +149,15 @@ def sync_changes(
     return final
 
 
-def _read_images(source: Connection, plans: list[_Plan]) -> None:
-    """Attach the current source row (or None if gone) to each plan."""
+def _read_images(
+    source: Connection,
+    plans: list[_Plan],
+    timeouts: _Timeouts | None = None,
+) -> None:
+    """Attach the current source row (or None if gone) to each plan.
+
+    With ``timeouts`` not yet set, the first SELECT also sets them.
+    """
     wanted: dict[str, list[_Plan]] = {}
     for plan in plans:
         if plan.change.operation == DELETE:
@@ -163,9 +175,13 @@ def _read_images(source: Connection, plans: list[_Plan]) -> None:
         try:
             for part in _store.chunks(keys):
                 params = [key[0] for key in part] if single else list(part)
-                for row in source.execute(
-                    mapping.image_select, {"keys": params}
-                ):
+                if timeouts is not None and timeouts.saved is None:
+                    rows = timeouts.read_and_set(source, mapping, params)
+                else:
+                    rows = list(
+                        source.execute(mapping.image_select, {"keys": params})
+                    )
+                for row in rows:
                     found[_row_key(mapping, row)] = _row_image(mapping, row)
         except SQLAlchemyError as exc:
             context = f"reading source table {mapping.source_table_name}"
@@ -174,6 +190,74 @@ def _read_images(source: Connection, plans: list[_Plan]) -> None:
             continue
         for plan in group:
             plan.image = found.get(plan.change.v1_pk)
+
+
+class _Timeouts:
+    """Statement and lock timeouts set for one sync on PostgreSQL.
+
+    ``set()`` bounds the statements that follow by the time left until
+    ``deadline`` and keeps the values it replaced in ``saved``; a sync
+    puts them back in its last statement. ``read_and_set()`` does the same
+    within the SELECT of source rows, which saves a round trip.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.saved: dict[str, Any] | None = None
+
+    def _params(self) -> dict[str, Any]:
+        budget_ms = max(int((self.deadline - time.monotonic()) * 1000), 1)
+        return {"_dw_budget": f"{budget_ms}ms"}
+
+    def set(self, connection: Connection) -> None:
+        row = connection.execute(_SET_TIMEOUTS, self._params()).one()
+        self.saved = {
+            "statement_timeout": row.statement_timeout,
+            "lock_timeout": row.lock_timeout,
+        }
+
+    def read_and_set(
+        self, connection: Connection, mapping: CompiledMapping, keys: list[Any]
+    ) -> list[Row[Any]]:
+        """Run ``mapping.image_select`` for ``keys``, setting the timeouts.
+
+        The timeouts apply from the next statement on: this SELECT reads
+        source rows by key and takes no lock.
+        """
+        statement = _images_setting_timeouts.get(mapping)
+        if statement is None:
+            image = mapping.image_select.subquery("image")
+            statement = select(image, _SETTINGS).select_from(
+                _SETTINGS.outerjoin(image, true())
+            )
+            _images_setting_timeouts[mapping] = statement
+        params = self._params()
+        params["keys"] = keys
+        rows = list(connection.execute(statement, params))
+        self.saved = {
+            "statement_timeout": rows[0].statement_timeout,
+            "lock_timeout": rows[0].lock_timeout,
+        }
+        # The settings row comes back alone when no source row matched.
+        return [row for row in rows if row[0] is not None]
+
+
+# current_setting() is listed before set_config(), so it reads the value
+# in force before this statement.
+_SETTINGS = select(
+    func.current_setting("statement_timeout").label("statement_timeout"),
+    func.current_setting("lock_timeout").label("lock_timeout"),
+    func.set_config(
+        "statement_timeout", bindparam("_dw_budget", type_=Text), true()
+    ).label("_dw_set_statement_timeout"),
+    func.set_config(
+        "lock_timeout", bindparam("_dw_budget", type_=Text), true()
+    ).label("_dw_set_lock_timeout"),
+).subquery("dw_settings")
+_SET_TIMEOUTS = select(_SETTINGS)
+_images_setting_timeouts: weakref.WeakKeyDictionary[
+    CompiledMapping, Select[Any]
+] = weakref.WeakKeyDictionary()
 
 
 def _complete(plan: _Plan) -> bool:
@@ -641,7 +725,7 @@ def sync_changes_fast(
     session_key: str | None,
     deadline: float | None = None,
     fresh_inserts: bool = False,
-    restore: dict[str, Any] | None = None,
+    set_timeouts: bool = False,
 ) -> list[Outcome]:
     """Apply ``changes`` like :func:`sync_changes`, in fewer statements.
 
@@ -655,15 +739,21 @@ def sync_changes_fast(
 
     ``fresh_inserts`` declares that inserted rows were inserted by the
     source transaction being synced, so they cannot have a cross-reference
-    yet and none is looked up. ``restore`` (``statement_timeout`` and
-    ``lock_timeout``) is set back, transaction-locally, by the last
-    statement.
+    yet and none is looked up. ``set_timeouts`` bounds the statement and
+    lock waits of the target statements by ``deadline``, transaction-
+    locally, and sets the previous values back in the last statement.
     """
     plans = [
         _Plan(change, mappings[change.mapping], encode_key(change.v1_pk))
         for change in changes
     ]
-    _read_images(source, plans)
+    timeouts = None
+    if set_timeouts:
+        assert deadline is not None, "set_timeouts needs a deadline"
+        timeouts = _Timeouts(deadline)
+    _read_images(source, plans, timeouts if source is target else None)
+    if timeouts is not None and timeouts.saved is None:
+        timeouts.set(target)
     for plan in plans:
         if plan.outcome is not None and plan.outcome.exception is not None:
             raise plan.outcome.exception
@@ -688,7 +778,10 @@ def sync_changes_fast(
     final = [plan.outcome for plan in plans if plan.outcome is not None]
     assert len(final) == len(plans)
     ids = _store.insert_audit_and_xref(
-        target, _audit_rows(final, session_key), xref_rows, restore
+        target,
+        _audit_rows(final, session_key),
+        xref_rows,
+        None if timeouts is None else timeouts.saved,
     )
     for outcome, audit_id in zip(final, ids, strict=True):
         outcome.audit_id = audit_id
