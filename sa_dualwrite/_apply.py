@@ -56,6 +56,14 @@ _PG_LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(key) "
     "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)"
 )
+# The scalar subquery runs after the set_config() calls to its left, so
+# lock_timeout already bounds its lock waits.
+_PG_SET_TIMEOUTS_AND_LOCK = text(
+    "SELECT set_config('statement_timeout', :budget, true), "
+    "set_config('lock_timeout', :budget, true), "
+    "(SELECT count(pg_advisory_xact_lock(key)) "
+    "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)) AS locked"
+)
 
 
 def lock_id(mapping: str, v1_key: str) -> int:
@@ -173,8 +181,7 @@ class Applier:
         if _has_fast_path(target):
             try:
                 with target.begin():
-                    self._set_timeouts(target, deadline)
-                    self.lock_rows(target, changes)
+                    self._set_timeouts_and_lock(target, deadline, changes)
                     return sync_changes_fast(
                         changes,
                         source=source,
@@ -189,8 +196,7 @@ class Applier:
         try:
             with target.begin():
                 self._begin_write(target)
-                self._set_timeouts(target, deadline)
-                self.lock_rows(target, changes)
+                self._set_timeouts_and_lock(target, deadline, changes)
                 outcomes = sync_changes(
                     changes,
                     source=source,
@@ -270,6 +276,26 @@ class Applier:
         if saved is not None:
             connection.execute(_PG_RESTORE_TIMEOUTS, saved)
 
+    def _set_timeouts_and_lock(
+        self,
+        connection: Connection,
+        deadline: float,
+        changes: Sequence[Change],
+    ) -> None:
+        """Bound the target's waits by the budget, then lock the rows.
+
+        One statement on PostgreSQL does both; see :meth:`lock_rows`.
+        """
+        if connection.dialect.name != "postgresql" or not changes:
+            self._set_timeouts(connection, deadline)
+            self.lock_rows(connection, changes)
+            return
+        budget_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+        connection.execute(
+            _PG_SET_TIMEOUTS_AND_LOCK,
+            {"budget": f"{budget_ms}ms", "keys": _lock_keys(changes)},
+        ).all()
+
     def lock_rows(
         self, connection: Connection, changes: Sequence[Change]
     ) -> None:
@@ -280,13 +306,7 @@ class Applier:
         """
         if connection.dialect.name != "postgresql" or not changes:
             return
-        keys = sorted(
-            {
-                lock_id(change.mapping, encode_key(change.v1_pk))
-                for change in changes
-            }
-        )
-        connection.execute(_PG_LOCK_KEYS, {"keys": keys}).all()
+        connection.execute(_PG_LOCK_KEYS, {"keys": _lock_keys(changes)}).all()
 
     def _record_failures(
         self,
@@ -405,6 +425,17 @@ class Applier:
             connector, self._connector = self._connector, None
         if connector is not None:
             connector.shutdown(wait=False, cancel_futures=True)
+
+
+def _lock_keys(changes: Sequence[Change]) -> list[int]:
+    """Return the advisory lock ids of ``changes``, sorted against
+    deadlocks between syncs that lock the same rows."""
+    return sorted(
+        {
+            lock_id(change.mapping, encode_key(change.v1_pk))
+            for change in changes
+        }
+    )
 
 
 def _has_fast_path(connection: Connection) -> bool:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, delete, event
+from sqlalchemy import Connection, Engine, delete, event, func, select
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
+from sa_dualwrite._apply import lock_id
 from tests import models
 from tests.helpers import alert_for, alerts, audit_rows, xrefs
 
@@ -130,3 +132,36 @@ def test_timeouts_restored_before_commit(
 
     assert len(audit_rows(pg_engine)) == 1
     assert tuple(seen[0]) == ("17s", "0")
+
+
+def test_locked_row_fails_within_budget(
+    pg_engine: Engine, pg_engine_v2: Engine
+) -> None:
+    """A sync waiting on a locked row gives up when the budget runs out."""
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(pg_engine_v2)
+    handle = dw.install_dual_write(
+        pg_engine,
+        models.mappings(),
+        target=pg_engine_v2,
+        log_file=None,
+        v2_timeout=0.5,
+    )
+    handle.create_tables()
+    key = lock_id("alertas", "700")
+    try:
+        with pg_engine_v2.connect() as holder, holder.begin():
+            holder.execute(select(func.pg_advisory_xact_lock(key)))
+            with Session(pg_engine) as session:
+                session.add(models.new_alerta(id=700))
+                started = time.monotonic()
+                session.commit()
+                elapsed = time.monotonic() - started
+    finally:
+        handle.uninstall()
+
+    (audit,) = audit_rows(pg_engine_v2)
+
+    assert elapsed < 2.0
+    assert audit.status == "failed"
+    assert "lock timeout" in audit.error
