@@ -23,19 +23,27 @@ therefore has the effect of applying it once.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import time
+import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
 from sqlalchemy import (
+    Column,
     Connection,
+    Integer,
     Row,
     Select,
     Text,
+    TypeDecorator,
     bindparam,
+    column,
     delete,
     func,
     insert,
@@ -44,7 +52,9 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql import sqltypes
 
 from sa_dualwrite import _store
 from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change
@@ -410,6 +420,7 @@ def _write(
     cache: dict[str, dict[str, str]],
     xref_rows: list[dict[str, Any]] | None = None,
 ) -> None:
+    """Write one run; with ``xref_rows``, as :func:`sync_changes_fast` does."""
     if operation == INSERT:
         _insert(target, mapping, plans, cache, xref_rows)
     elif operation == UPDATE:
@@ -445,10 +456,38 @@ def _insert(
     """Insert the target rows of ``plans`` and their cross-references.
 
     With ``xref_rows`` the cross-reference rows are appended to it for the
-    caller to write, instead of being inserted here.
+    caller to write, instead of being inserted here, and rows that
+    :func:`_insert_json` can send go out as one JSON parameter.
     """
-    table = mapping.target_table
     rows = [plan.values for plan in plans]
+    inserted = None
+    if xref_rows is not None and len(rows) > 1:
+        inserted = _insert_json(target, mapping, rows)
+    if inserted is None:
+        inserted = _insert_rows(target, mapping, rows)
+
+    new_xrefs = []
+    for plan, row in zip(plans, inserted, strict=True):
+        v2_key = encode_key(mapping.target_key(row))
+        plan.v2_key = v2_key
+        new_xrefs.append(
+            {"mapping": mapping.name, "v1_pk": plan.v1_key, "v2_pk": v2_key}
+        )
+        plan.outcome = _applied(plan, None, row)
+    if xref_rows is None:
+        _store.insert_xref(target, new_xrefs)
+    else:
+        xref_rows.extend(new_xrefs)
+    for plan in plans:
+        assert plan.v2_key is not None
+        cache[mapping.name][plan.v1_key] = plan.v2_key
+
+
+def _insert_rows(
+    target: Connection, mapping: CompiledMapping, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Insert ``rows`` into the target; return them as inserted, in order."""
+    table = mapping.target_table
     dialect = target.dialect
     inserted: list[dict[str, Any]]
     if len(rows) > 1 and getattr(
@@ -473,22 +512,134 @@ def _insert(
                 select(table).where(_pk_criterion(mapping, [key]))
             ).one()
             inserted.append(_row_dict(fetched))
+    return inserted
 
-    new_xrefs = []
-    for plan, row in zip(plans, inserted, strict=True):
-        v2_key = encode_key(mapping.target_key(row))
-        plan.v2_key = v2_key
-        new_xrefs.append(
-            {"mapping": mapping.name, "v1_pk": plan.v1_key, "v2_pk": v2_key}
+
+# Column types whose values PostgreSQL reads from JSON exactly as the
+# driver would bind them, with the Python types that may fill them.
+_JSON_SAFE_TYPES: tuple[tuple[type, tuple[type, ...]], ...] = (
+    (sqltypes.String, (str,)),
+    (sqltypes.Integer, (int,)),
+    (sqltypes.Boolean, (bool,)),
+    (sqltypes.Numeric, (int, float, Decimal)),
+    (sqltypes.Float, (int, float)),
+    (sqltypes.DateTime, (dt.datetime,)),
+    (sqltypes.Date, (dt.date,)),
+    (sqltypes.Uuid, (uuid.UUID, str)),
+)
+_json_inserts: weakref.WeakKeyDictionary[
+    CompiledMapping, dict[tuple[str, ...], Any]
+] = weakref.WeakKeyDictionary()
+
+
+def _insert_json(
+    target: Connection, mapping: CompiledMapping, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]] | None:
+    """Insert ``rows`` with one JSON parameter; return them as inserted.
+
+    A statement with a parameter per value (SQLAlchemy's insertmanyvalues)
+    is parsed by the driver anew on each call once it has more than a few
+    dozen parameters, which costs as much as the insert. Here the rows go
+    out as one JSON array, read by jsonb_to_recordset() in position order,
+    and come back sorted by the target's integer key, which the sequence
+    draws in that order (the same rule insertmanyvalues relies on).
+    Returns None, having sent nothing, when the target key is not such a
+    server-generated integer or a value is not known to read back from
+    JSON as it would bind.
+    """
+    keys = tuple(rows[0])
+    statement = _json_insert_statement(mapping, keys)
+    if statement is None:
+        return None
+    table = mapping.target_table
+    documents = []
+    for position, values in enumerate(rows):
+        if tuple(values) != keys:
+            return None
+        document: dict[str, Any] = {"dw_position": position}
+        for key, value in values.items():
+            if value is not None and not _json_safe(table.c[key], value):
+                return None
+            document[key] = to_json(value)
+        documents.append(document)
+    result = target.execute(statement, {"rows": json.dumps(documents)})
+    pk = mapping.target_pk_columns[0].key
+    inserted = sorted((_row_dict(row) for row in result), key=lambda r: r[pk])
+    if len(inserted) != len(rows):
+        raise _UnexpectedRowCount(
+            f"{len(inserted)} rows came back from inserting {len(rows)} "
+            f"into {table.name}; check the triggers of that table"
         )
-        plan.outcome = _applied(plan, None, row)
-    if xref_rows is None:
-        _store.insert_xref(target, new_xrefs)
-    else:
-        xref_rows.extend(new_xrefs)
-    for plan in plans:
-        assert plan.v2_key is not None
-        cache[mapping.name][plan.v1_key] = plan.v2_key
+    return inserted
+
+
+class _UnexpectedRowCount(SQLAlchemyError):
+    pass
+
+
+def _json_safe(column: Column[Any], value: Any) -> bool:
+    column_type = column.type
+    if isinstance(column_type, TypeDecorator):
+        return False
+    for sql_type, python_types in _JSON_SAFE_TYPES:
+        if isinstance(column_type, sql_type):
+            if not isinstance(value, python_types):
+                return False
+            if isinstance(column_type, sqltypes.DateTime):
+                # timestamp without time zone ignores an offset in text.
+                aware = getattr(value, "tzinfo", None) is not None
+                return not aware or bool(column_type.timezone)
+            if isinstance(column_type, sqltypes.Date):
+                return not isinstance(value, dt.datetime)
+            if isinstance(column_type, sqltypes.Integer):
+                return not isinstance(value, bool)
+            return True
+    return False
+
+
+def _json_insert_statement(
+    mapping: CompiledMapping, keys: tuple[str, ...]
+) -> Any:
+    """Return the JSON insert of ``keys`` into the target, or None if the
+    target's key or defaults rule it out."""
+    statements = _json_inserts.setdefault(mapping, {})
+    if keys in statements:
+        return statements[keys]
+    table = mapping.target_table
+    pk_columns = mapping.target_pk_columns
+    usable = (
+        len(pk_columns) == 1
+        and pk_columns[0] is table.autoincrement_column
+        and isinstance(pk_columns[0].type, sqltypes.Integer)
+        and pk_columns[0].default is None
+        and pk_columns[0].key not in keys
+        and all(
+            column.key in keys or column.default is None
+            for column in table.columns
+        )
+    )
+    statement = None
+    if usable:
+        source = (
+            func.jsonb_to_recordset(bindparam("rows", type_=Text).cast(JSONB))
+            .table_valued(
+                *(column(key, table.c[key].type) for key in keys),
+                column("dw_position", Integer()),
+            )
+            .render_derived(name="dw_rows", with_types=True)
+        )
+        statement = (
+            insert(table)
+            .from_select(
+                [table.c[key] for key in keys],
+                select(*(source.c[key] for key in keys)).order_by(
+                    source.c.dw_position
+                ),
+            )
+            .returning(*table.c)
+        )
+    statements[keys] = statement
+    return statement
 
 
 def _lock_rows(

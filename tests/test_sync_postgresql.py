@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
+import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, delete, event, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Date,
+    DateTime,
+    Engine,
+    Float,
+    Identity,
+    Numeric,
+    String,
+    Uuid,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sa_dualwrite as dw
 from sa_dualwrite._apply import lock_id
@@ -165,3 +183,120 @@ def test_locked_row_fails_within_budget(
     assert elapsed < 2.0
     assert audit.status == "failed"
     assert "lock timeout" in audit.error
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Reading(_Base):
+    """A source row with a value of each type the JSON insert accepts."""
+
+    __tablename__ = "readings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+    count: Mapped[int | None] = mapped_column(BigInteger)
+    flag: Mapped[bool | None]
+    amount: Mapped[Decimal | None] = mapped_column(Numeric(10, 2))
+    ratio: Mapped[float | None] = mapped_column(Float)
+    seen_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True)
+    )
+    local_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    day: Mapped[dt.date | None] = mapped_column(Date)
+    token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+
+
+class _Copy(_Base):
+    __tablename__ = "reading_copies"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+    count: Mapped[int | None] = mapped_column(BigInteger)
+    flag: Mapped[bool | None]
+    amount: Mapped[Decimal | None] = mapped_column(Numeric(10, 2))
+    ratio: Mapped[float | None] = mapped_column(Float)
+    seen_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True)
+    )
+    local_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    day: Mapped[dt.date | None] = mapped_column(Date)
+    token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+
+
+_COLUMNS = [
+    "label",
+    "count",
+    "flag",
+    "amount",
+    "ratio",
+    "seen_at",
+    "local_at",
+    "day",
+    "token",
+]
+
+
+def test_batch_insert_keeps_values(pg_engine: Engine) -> None:
+    """A many-row commit writes each value as the source holds it."""
+    _Base.metadata.create_all(pg_engine)
+    mapping = dw.Mapping(
+        name="readings",
+        source=_Reading,
+        target=_Copy,
+        fields={name: name for name in _COLUMNS},
+    )
+    handle = dw.install_dual_write(pg_engine, [mapping], log_file=None)
+    handle.create_tables()
+    moment = dt.datetime(2026, 3, 1, 12, 30, 15, 120000)
+    west = dt.timezone(dt.timedelta(hours=-3))
+    batch = [
+        _Reading(
+            id=n,
+            label=f"r{n}",
+            count=2**40 + n,
+            flag=n % 2 == 0,
+            amount=Decimal("12.5") + n,
+            ratio=0.1 * n,
+            seen_at=moment.replace(tzinfo=west),
+            local_at=moment,
+            day=moment.date(),
+            token=uuid.UUID(int=n),
+        )
+        for n in range(1, 4)
+    ]
+    batch.append(_Reading(id=9, label="naive", seen_at=moment))
+    batch.append(_Reading(id=10, label="empty"))
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(pg_engine, "before_cursor_execute", record)
+    try:
+        with Session(pg_engine) as session:
+            session.add_all(batch)
+            session.commit()
+    finally:
+        event.remove(pg_engine, "before_cursor_execute", record)
+        handle.uninstall()
+
+    with pg_engine.connect() as connection:
+        sources = connection.execute(
+            select(_Reading.__table__).order_by(_Reading.id)
+        ).all()
+        copies = connection.execute(
+            select(_Copy.__table__).order_by(_Copy.id)
+        ).all()
+    audits = audit_rows(pg_engine)
+
+    assert any(
+        "jsonb_to_recordset" in statement and "reading_copies" in statement
+        for statement in statements
+    )
+    assert len(copies) == 5
+    assert [a.status for a in audits] == ["applied"] * 5
+    for source, copy in zip(sources, copies, strict=True):
+        for name in _COLUMNS:
+            assert getattr(copy, name) == getattr(source, name), name
