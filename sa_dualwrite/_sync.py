@@ -493,12 +493,10 @@ def _insert_rows(
     if len(rows) > 1 and getattr(
         dialect, "insert_executemany_returning_sort_by_parameter_order", False
     ):
-        statement = insert(table).returning(
-            *table.c, sort_by_parameter_order=True
-        )
+        statement = _statements(mapping).insert_many
         inserted = [_row_dict(row) for row in target.execute(statement, rows)]
     elif dialect.insert_returning:
-        statement = insert(table).returning(*table.c)
+        statement = _statements(mapping).insert_one
         inserted = [
             _row_dict(target.execute(statement, values).one())
             for values in rows
@@ -651,17 +649,21 @@ def _lock_rows(
     for plan in plans:
         assert plan.v2_key is not None
         keys.append(decode_key(plan.v2_key, mapping.target_pk_types))
-    statement = (
-        select(table).where(_pk_criterion(mapping, keys)).with_for_update()
-    )
-    rows = [_row_dict(row) for row in target.execute(statement)]
+    if len(mapping.target_pk_columns) == 1:
+        result = target.execute(
+            _statements(mapping).lock, {"keys": [key[0] for key in keys]}
+        )
+    else:
+        result = target.execute(
+            select(table).where(_pk_criterion(mapping, keys)).with_for_update()
+        )
+    rows = [_row_dict(row) for row in result]
     return {mapping.target_key(row): row for row in rows}
 
 
 def _update(
     target: Connection, mapping: CompiledMapping, plans: list[_Plan]
 ) -> None:
-    table = mapping.target_table
     before_rows = _lock_rows(target, mapping, plans)
     changed: list[tuple[_Plan, dict[str, Any], tuple[Any, ...]]] = []
     for plan in plans:
@@ -682,38 +684,75 @@ def _update(
     if not changed:
         return
 
-    pk_columns = mapping.target_pk_columns
-    criterion = [
-        column == bindparam(_PK_PARAM.format(index))
-        for index, column in enumerate(pk_columns)
-    ]
-    if len(changed) == 1 and target.dialect.update_returning:
-        plan, before, key = changed[0]
-        statement = (
-            update(table)
-            .where(
-                *(
-                    column == value
-                    for column, value in zip(pk_columns, key, strict=True)
-                )
-            )
-            .values(plan.values)
-            .returning(*table.c)
-        )
-        after = _row_dict(target.execute(statement).one())
-        plan.outcome = _applied(plan, before, after)
-        return
-
     params = []
     for plan, _, key in changed:
         row = dict(plan.values)
         for index, value in enumerate(key):
             row[_PK_PARAM.format(index)] = value
         params.append(row)
-    target.execute(update(table).where(*criterion), params)
+    statements = _statements(mapping)
+    if len(changed) == 1 and target.dialect.update_returning:
+        plan, before, _ = changed[0]
+        result = target.execute(statements.update_one, params[0])
+        plan.outcome = _applied(plan, before, _row_dict(result.one()))
+        return
+
+    target.execute(statements.update, params)
     after_rows = _lock_rows(target, mapping, [plan for plan, _, _ in changed])
     for plan, before, key in changed:
         plan.outcome = _applied(plan, before, after_rows.get(key))
+
+
+@dataclass(frozen=True)
+class _TargetStatements:
+    """Statements on the target table of one mapping, built once.
+
+    The updates take the column values and the key, as ``_dw_pk0`` and
+    so on, from their parameters.
+    """
+
+    insert_one: Any
+    insert_many: Any
+    lock: Any  # for a single-column key only
+    update: Any
+    update_one: Any
+
+
+_target_statements: weakref.WeakKeyDictionary[
+    CompiledMapping, _TargetStatements
+] = weakref.WeakKeyDictionary()
+
+
+def _statements(mapping: CompiledMapping) -> _TargetStatements:
+    """Return the statements of ``mapping``, building them on first use.
+
+    Building a statement and its cache key costs about as much as running
+    a small one, so they are built once per mapping.
+    """
+    found = _target_statements.get(mapping)
+    if found is not None:
+        return found
+    table = mapping.target_table
+    pk_columns = mapping.target_pk_columns
+    by_key = update(table).where(
+        *(
+            column == bindparam(_PK_PARAM.format(index))
+            for index, column in enumerate(pk_columns)
+        )
+    )
+    found = _TargetStatements(
+        insert_one=insert(table).returning(*table.c),
+        insert_many=insert(table).returning(
+            *table.c, sort_by_parameter_order=True
+        ),
+        lock=select(table)
+        .where(pk_columns[0].in_(bindparam("keys", expanding=True)))
+        .with_for_update(),
+        update=by_key,
+        update_one=by_key.returning(*table.c),
+    )
+    _target_statements[mapping] = found
+    return found
 
 
 class _MissingTargetRow(SQLAlchemyError):
