@@ -189,6 +189,7 @@ class Applier:
                         mappings=self.mappings,
                         session_key=session_key,
                         deadline=deadline,
+                        fresh_inserts=True,
                     )
             except Exception as exc:
                 self._log_fast_failure(exc, changes)

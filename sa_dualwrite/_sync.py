@@ -927,9 +927,12 @@ def sync_changes_fast(
     fail without a database error (a value missing from a value map, a
     missing ref, the time budget) fail here as they do there.
 
-    ``fresh_inserts`` declares that inserted rows were inserted by the
-    source transaction being synced, so they cannot have a cross-reference
-    yet and none is looked up. ``set_timeouts`` bounds the statement and
+    ``fresh_inserts`` skips the cross-reference lookup of changes captured
+    as inserts: the source transaction inserted those rows, so they have
+    no cross-reference unless a concurrent sync or an out-of-band delete
+    left one. Such a row makes the final statement fail on the
+    cross-reference key, and the caller's fallback then finds it and
+    updates the target row. ``set_timeouts`` bounds the statement and
     lock waits of the target statements by ``deadline``, transaction-
     locally, and sets the previous values back in the last statement.
     """
