@@ -42,11 +42,14 @@ from sqlalchemy import (
     Select,
     Text,
     TypeDecorator,
+    and_,
     bindparam,
+    cast,
     column,
     delete,
     func,
     insert,
+    literal,
     select,
     true,
     tuple_,
@@ -54,13 +57,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.sql import sqltypes
 
 from sa_dualwrite import _store
 from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change
-from sa_dualwrite._codec import decode_key, encode_key, to_json
+from sa_dualwrite._codec import decode_key, encode_key, python_type, to_json
 from sa_dualwrite._errors import SyncError
-from sa_dualwrite.mapping._compile import CompiledMapping, iter_source_refs
+from sa_dualwrite.mapping._compile import (
+    CompiledField,
+    CompiledMapping,
+    iter_source_refs,
+)
 
 __all__ = ["Outcome", "SyncTimeout", "sync_changes", "sync_changes_fast"]
 
@@ -163,10 +171,14 @@ def _read_images(
     source: Connection,
     plans: list[_Plan],
     timeouts: _Timeouts | None = None,
+    prefetched: _Prefetched | None = None,
 ) -> None:
     """Attach the current source row (or None if gone) to each plan.
 
-    With ``timeouts`` not yet set, the first SELECT also sets them.
+    With ``timeouts`` not yet set, the first SELECT also sets them. With
+    ``prefetched``, which needs the target tables in the source database,
+    the SELECT also reads the cross-references of the rows and of their
+    refs where :func:`_joins_xrefs` allows, and records them there.
     """
     wanted: dict[str, list[_Plan]] = {}
     for plan in plans:
@@ -182,17 +194,22 @@ def _read_images(
         found: dict[tuple[Any, ...], dict[str, Any]] = {}
         keys = list({plan.change.v1_pk for plan in group})
         single = len(mapping.source_pk_attrs) == 1
+        joined = prefetched is not None and _joins_xrefs(mapping)
         try:
             for part in _store.chunks(keys):
                 params = [key[0] for key in part] if single else list(part)
                 if timeouts is not None and timeouts.saved is None:
-                    rows = timeouts.read_and_set(source, mapping, params)
+                    statement = _image_statement(mapping, joined, True)
+                    rows = timeouts.read_and_set(source, statement, params)
                 else:
-                    rows = list(
-                        source.execute(mapping.image_select, {"keys": params})
-                    )
+                    statement = _image_statement(mapping, joined, False)
+                    rows = list(source.execute(statement, {"keys": params}))
                 for row in rows:
-                    found[_row_key(mapping, row)] = _row_image(mapping, row)
+                    image = _row_image(mapping, row)
+                    found[_row_key(mapping, row)] = image
+                    if joined:
+                        assert prefetched is not None
+                        prefetched.record(mapping, row, image)
         except SQLAlchemyError as exc:
             context = f"reading source table {mapping.source_table_name}"
             for plan in group:
@@ -227,20 +244,14 @@ class _Timeouts:
         }
 
     def read_and_set(
-        self, connection: Connection, mapping: CompiledMapping, keys: list[Any]
+        self, connection: Connection, statement: Select[Any], keys: list[Any]
     ) -> list[Row[Any]]:
-        """Run ``mapping.image_select`` for ``keys``, setting the timeouts.
+        """Run an image SELECT from :func:`_image_statement` that sets the
+        timeouts, for ``keys``.
 
         The timeouts apply from the next statement on: this SELECT reads
-        source rows by key and takes no lock.
+        rows by key and takes no lock.
         """
-        statement = _images_setting_timeouts.get(mapping)
-        if statement is None:
-            image = mapping.image_select.subquery("image")
-            statement = select(image, _SETTINGS).select_from(
-                _SETTINGS.outerjoin(image, true())
-            )
-            _images_setting_timeouts[mapping] = statement
         params = self._params()
         params["keys"] = keys
         rows = list(connection.execute(statement, params))
@@ -265,9 +276,131 @@ _SETTINGS = select(
     ).label("_dw_set_lock_timeout"),
 ).subquery("dw_settings")
 _SET_TIMEOUTS = select(_SETTINGS)
-_images_setting_timeouts: weakref.WeakKeyDictionary[
-    CompiledMapping, Select[Any]
+_image_statements: weakref.WeakKeyDictionary[
+    CompiledMapping, dict[tuple[bool, bool], Select[Any]]
 ] = weakref.WeakKeyDictionary()
+
+
+def _image_statement(
+    mapping: CompiledMapping, joined: bool, setting: bool
+) -> Select[Any]:
+    """Return the SELECT of source rows by key, built once per variant.
+
+    ``joined`` adds the cross-references of each row (``_dw_own``) and of
+    its refs (``_dw_ref0`` and so on); ``setting`` adds the columns of
+    ``_SETTINGS`` and returns one row even when no source row matches.
+    """
+    variants = _image_statements.setdefault(mapping, {})
+    found = variants.get((joined, setting))
+    if found is not None:
+        return found
+    statement = mapping.image_select
+    if joined:
+        statement = _join_xrefs(mapping, statement)
+    if setting:
+        image = statement.subquery("image")
+        statement = select(image, _SETTINGS).select_from(
+            _SETTINGS.outerjoin(image, true())
+        )
+    variants[(joined, setting)] = statement
+    return statement
+
+
+def _ref_fields(mapping: CompiledMapping) -> list[CompiledField]:
+    return [item for item in mapping.fields if item.ref_mapping is not None]
+
+
+def _text_key_column(column: Any) -> bool:
+    """Return whether CAST(column AS text) is the key text of its values.
+
+    That holds for integers and for variable-length text, whose key text
+    (see :func:`encode_key`) is their plain decimal or string form.
+    """
+    python = python_type(column.type)
+    if isinstance(column.type, (sqltypes.CHAR, TypeDecorator)):
+        return False
+    return python is int or python is str
+
+
+def _joins_xrefs(mapping: CompiledMapping) -> bool:
+    """Return whether :func:`_join_xrefs` applies to ``mapping``."""
+    mapper = mapping.source_mapper
+    table = mapper.local_table
+    if mapper.selectable is not table or len(mapper.primary_key) != 1:
+        return False
+    columns = [mapper.primary_key[0]]
+    for item in _ref_fields(mapping):
+        prop = mapper.attrs[item.sources[0]]
+        assert isinstance(prop, ColumnProperty)
+        columns.append(prop.columns[0])
+    return all(_text_key_column(column) for column in columns)
+
+
+def _join_xrefs(
+    mapping: CompiledMapping, statement: Select[Any]
+) -> Select[Any]:
+    """Add the cross-references of the rows and of their refs to the
+    source row SELECT of ``mapping``, by LEFT JOINs on the key text."""
+    mapper = mapping.source_mapper
+    table = mapper.local_table
+    own = _store.xref_table.alias("dw_own_xref")
+    statement = statement.add_columns(own.c.v2_pk.label("_dw_own"))
+    statement = statement.outerjoin_from(
+        table,
+        own,
+        and_(
+            own.c.mapping == literal(mapping.name),
+            own.c.v1_pk == cast(mapper.primary_key[0], Text),
+        ),
+    )
+    for index, item in enumerate(_ref_fields(mapping)):
+        prop = mapper.attrs[item.sources[0]]
+        assert isinstance(prop, ColumnProperty)
+        ref = _store.xref_table.alias(f"dw_ref_xref{index}")
+        statement = statement.add_columns(ref.c.v2_pk.label(f"_dw_ref{index}"))
+        statement = statement.outerjoin_from(
+            table,
+            ref,
+            and_(
+                ref.c.mapping == literal(item.ref_mapping),
+                ref.c.v1_pk == cast(prop.columns[0], Text),
+            ),
+        )
+    return statement
+
+
+class _Prefetched:
+    """Cross-references read along with the source rows.
+
+    ``looked_up`` holds every (mapping name, source key text) whose
+    cross-reference was read, found or not, and ``found`` the ones found.
+    """
+
+    def __init__(self) -> None:
+        self.looked_up: set[tuple[str, str]] = set()
+        self.found: dict[str, dict[str, str]] = {}
+
+    def record(
+        self, mapping: CompiledMapping, row: Row[Any], image: dict[str, Any]
+    ) -> None:
+        """Record the cross-references in one row of :func:`_join_xrefs`."""
+        columns = row._mapping
+        own_key = encode_key(_row_key(mapping, row))
+        self._note(mapping.name, own_key, columns["_dw_own"])
+        for index, item in enumerate(_ref_fields(mapping)):
+            value = image.get(item.sources[0])
+            if value is not None:
+                assert item.ref_mapping is not None
+                self._note(
+                    item.ref_mapping,
+                    encode_key((value,)),
+                    columns[f"_dw_ref{index}"],
+                )
+
+    def _note(self, mapping: str, v1_key: str, v2_key: str | None) -> None:
+        self.looked_up.add((mapping, v1_key))
+        if v2_key is not None:
+            self.found.setdefault(mapping, {})[v1_key] = v2_key
 
 
 def _complete(plan: _Plan) -> bool:
@@ -944,18 +1077,28 @@ def sync_changes_fast(
     if set_timeouts:
         assert deadline is not None, "set_timeouts needs a deadline"
         timeouts = _Timeouts(deadline)
-    _read_images(source, plans, timeouts if source is target else None)
+    if source is target:
+        prefetched = _Prefetched()
+        _read_images(source, plans, timeouts, prefetched)
+    else:
+        prefetched = None
+        _read_images(source, plans)
     if timeouts is not None and timeouts.saved is None:
         timeouts.set(target)
     for plan in plans:
         if plan.outcome is not None and plan.outcome.exception is not None:
             raise plan.outcome.exception
-    new_rows = frozenset(
+    known = {
         (plan.mapping.name, plan.v1_key)
         for plan in plans
         if fresh_inserts and plan.change.operation == INSERT
-    )
-    cache = _load_cross_references(target, plans, mappings, new_rows)
+    }
+    if prefetched is not None:
+        known |= prefetched.looked_up
+    cache = _load_cross_references(target, plans, mappings, frozenset(known))
+    if prefetched is not None:
+        for name, found in prefetched.found.items():
+            cache.setdefault(name, {}).update(found)
     for plan in plans:
         _decide_operation(plan, cache)
 

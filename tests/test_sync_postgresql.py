@@ -79,7 +79,10 @@ def test_reinsert_over_stale_xref_updates(
     assert [a.operation for a in audits] == ["insert", "update"]
     assert [a.status for a in audits] == ["applied", "applied"]
     assert list(xrefs(pg_install.target, "alertas")) == ["500"]
-    assert "sync_retried_change_by_change" in caplog.messages
+    if not pg_install.in_transaction:
+        # With V2 in the source database the cross-reference is read with
+        # the source row, so the first attempt already updates.
+        assert "sync_retried_change_by_change" in caplog.messages
 
 
 def test_audit_ids_follow_change_order(pg_install: dw.DualWrite) -> None:
