@@ -322,6 +322,12 @@ def _text_key_column(column: Any) -> bool:
     return python is int or python is str
 
 
+def _locks_target(mapping: CompiledMapping) -> bool:
+    """Return whether :func:`_join_xrefs` also reads the target rows."""
+    columns = mapping.target_pk_columns
+    return len(columns) == 1 and _text_key_column(columns[0])
+
+
 def _joins_xrefs(mapping: CompiledMapping) -> bool:
     """Return whether :func:`_join_xrefs` applies to ``mapping``."""
     mapper = mapping.source_mapper
@@ -353,6 +359,24 @@ def _join_xrefs(
             own.c.v1_pk == cast(mapper.primary_key[0], Text),
         ),
     )
+    if _locks_target(mapping):
+        # The target row of the cross-reference, read and locked for an
+        # update; FOR UPDATE must sit in a subquery on the nullable side.
+        target = mapping.target_table
+        key_column = mapping.target_pk_columns[0]
+        current = (
+            select(target)
+            .where(key_column == cast(own.c.v2_pk, key_column.type))
+            .with_for_update()
+            .lateral("dw_target")
+        )
+        statement = statement.add_columns(
+            *(
+                current.c[column.key].label(f"_dw_target{index}")
+                for index, column in enumerate(target.columns)
+            )
+        )
+        statement = statement.outerjoin_from(table, current, true())
     for index, item in enumerate(_ref_fields(mapping)):
         prop = mapper.attrs[item.sources[0]]
         assert isinstance(prop, ColumnProperty)
@@ -374,11 +398,14 @@ class _Prefetched:
 
     ``looked_up`` holds every (mapping name, source key text) whose
     cross-reference was read, found or not, and ``found`` the ones found.
+    ``locked`` holds the target rows read and locked with them, by mapping
+    name and target key text.
     """
 
     def __init__(self) -> None:
         self.looked_up: set[tuple[str, str]] = set()
         self.found: dict[str, dict[str, str]] = {}
+        self.locked: dict[tuple[str, str], dict[str, Any]] = {}
 
     def record(
         self, mapping: CompiledMapping, row: Row[Any], image: dict[str, Any]
@@ -386,7 +413,15 @@ class _Prefetched:
         """Record the cross-references in one row of :func:`_join_xrefs`."""
         columns = row._mapping
         own_key = encode_key(_row_key(mapping, row))
-        self._note(mapping.name, own_key, columns["_dw_own"])
+        v2_key = columns["_dw_own"]
+        self._note(mapping.name, own_key, v2_key)
+        if v2_key is not None and _locks_target(mapping):
+            current = {
+                column.key: columns[f"_dw_target{index}"]
+                for index, column in enumerate(mapping.target_table.columns)
+            }
+            if current[mapping.target_pk_columns[0].key] is not None:
+                self.locked[(mapping.name, v2_key)] = current
         for index, item in enumerate(_ref_fields(mapping)):
             value = image.get(item.sources[0])
             if value is not None:
@@ -552,12 +587,17 @@ def _write(
     plans: list[_Plan],
     cache: dict[str, dict[str, str]],
     xref_rows: list[dict[str, Any]] | None = None,
+    locked: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> None:
-    """Write one run; with ``xref_rows``, as :func:`sync_changes_fast` does."""
+    """Write one run; with ``xref_rows``, as :func:`sync_changes_fast` does.
+
+    ``locked`` holds target rows already read and locked, by mapping name
+    and target key text.
+    """
     if operation == INSERT:
         _insert(target, mapping, plans, cache, xref_rows)
     elif operation == UPDATE:
-        _update(target, mapping, plans)
+        _update(target, mapping, plans, locked)
     else:
         _delete(target, mapping, plans, cache)
 
@@ -795,9 +835,21 @@ def _lock_rows(
 
 
 def _update(
-    target: Connection, mapping: CompiledMapping, plans: list[_Plan]
+    target: Connection,
+    mapping: CompiledMapping,
+    plans: list[_Plan],
+    locked: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> None:
-    before_rows = _lock_rows(target, mapping, plans)
+    if locked is not None and all(
+        (mapping.name, plan.v2_key) in locked for plan in plans
+    ):
+        before_rows = {}
+        for plan in plans:
+            assert plan.v2_key is not None
+            row = locked[(mapping.name, plan.v2_key)]
+            before_rows[mapping.target_key(row)] = row
+    else:
+        before_rows = _lock_rows(target, mapping, plans)
     changed: list[tuple[_Plan, dict[str, Any], tuple[Any, ...]]] = []
     for plan in plans:
         assert plan.v2_key is not None
@@ -1109,7 +1161,15 @@ def sync_changes_fast(
             continue
         ready = [plan for plan in run.plans if _prepare(plan, cache, mappings)]
         if ready:
-            _write(target, run.mapping, run.operation, ready, cache, xref_rows)
+            _write(
+                target,
+                run.mapping,
+                run.operation,
+                ready,
+                cache,
+                xref_rows,
+                None if prefetched is None else prefetched.locked,
+            )
 
     final = [plan.outcome for plan in plans if plan.outcome is not None]
     assert len(final) == len(plans)

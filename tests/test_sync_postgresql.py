@@ -302,3 +302,30 @@ def test_batch_insert_keeps_values(pg_engine: Engine) -> None:
     for source, copy in zip(sources, copies, strict=True):
         for name in _COLUMNS:
             assert getattr(copy, name) == getattr(source, name), name
+
+
+def test_update_of_vanished_target_row(pg_install: dw.DualWrite) -> None:
+    """An update whose target row was deleted out of band fails alone."""
+    with Session(pg_install.engine) as session:
+        kept = models.new_alerta(titulo="kept")
+        gone = models.new_alerta(titulo="gone")
+        session.add_all([kept, gone])
+        session.commit()
+        kept_id, gone_id = kept.id, gone.id
+    gone_v2 = pg_install.v2_id("alertas", gone_id)
+    with pg_install.target.begin() as connection:
+        connection.execute(
+            delete(models.Alert).where(models.Alert.id == gone_v2)
+        )
+    with Session(pg_install.engine) as session:
+        for alerta_id in (kept_id, gone_id):
+            alerta = session.get(models.Alerta, alerta_id)
+            assert alerta is not None
+            alerta.titulo = f"{alerta.titulo}, changed"
+        session.commit()
+
+    audits = audit_rows(pg_install.target)[2:]
+
+    assert [a.status for a in audits] == ["applied", "failed"]
+    assert "no longer exists" in audits[1].error
+    assert alert_for(pg_install, kept_id).title == "kept, changed"
