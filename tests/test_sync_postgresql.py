@@ -329,3 +329,39 @@ def test_update_of_vanished_target_row(pg_install: dw.DualWrite) -> None:
     assert [a.status for a in audits] == ["applied", "failed"]
     assert "no longer exists" in audits[1].error
     assert alert_for(pg_install, kept_id).title == "kept, changed"
+
+
+def test_locked_target_row_within_budget(
+    pg_engine: Engine, pg_engine_v2: Engine
+) -> None:
+    """An update waiting on a locked target row stops at the budget."""
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(pg_engine)
+    handle = dw.install_dual_write(
+        pg_engine, models.mappings(), log_file=None, v2_timeout=0.5
+    )
+    handle.create_tables()
+    try:
+        with Session(pg_engine) as session:
+            alerta = models.new_alerta()
+            session.add(alerta)
+            session.commit()
+            v2_id = handle.v2_id("alertas", alerta.id)
+            with pg_engine.connect() as holder, holder.begin():
+                holder.execute(
+                    select(models.Alert.id)
+                    .where(models.Alert.id == v2_id)
+                    .with_for_update()
+                )
+                alerta.titulo = "changed"
+                started = time.monotonic()
+                session.commit()
+                elapsed = time.monotonic() - started
+    finally:
+        handle.uninstall()
+
+    audits = audit_rows(pg_engine)
+
+    assert elapsed < 2.0
+    assert [a.status for a in audits] == ["applied", "failed"]
+    assert "v2_timeout" in audits[1].error
