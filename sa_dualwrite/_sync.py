@@ -197,7 +197,9 @@ def _read_images(
         joined = prefetched is not None and _joins_xrefs(mapping)
         try:
             for part in _store.chunks(keys):
-                params = [key[0] for key in part] if single else list(part)
+                params: Any = [key[0] for key in part] if single else part
+                if joined:
+                    params = json.dumps(params)
                 if timeouts is not None and timeouts.saved is None:
                     statement = _image_statement(mapping, joined, True)
                     rows = timeouts.read_and_set(source, statement, params)
@@ -287,8 +289,10 @@ def _image_statement(
     """Return the SELECT of source rows by key, built once per variant.
 
     ``joined`` adds the cross-references of each row (``_dw_own``) and of
-    its refs (``_dw_ref0`` and so on); ``setting`` adds the columns of
-    ``_SETTINGS`` and returns one row even when no source row matches.
+    its refs (``_dw_ref0`` and so on), and takes the keys as one JSON array
+    (psycopg parses a statement with more than 50 parameters anew on each
+    call). ``setting`` adds the columns of ``_SETTINGS`` and returns one
+    row even when no source row matches.
     """
     variants = _image_statements.setdefault(mapping, {})
     found = variants.get((joined, setting))
@@ -296,6 +300,22 @@ def _image_statement(
         return found
     statement = mapping.image_select
     if joined:
+        mapper = mapping.source_mapper
+        key_column = mapper.primary_key[0]
+        keys = func.jsonb_array_elements_text(
+            bindparam("keys", type_=Text).cast(JSONB)
+        ).table_valued("value")
+        statement = (
+            select(*statement.selected_columns)
+            .select_from(mapper.local_table)
+            .where(
+                key_column.in_(
+                    select(
+                        cast(keys.c.value, key_column.type)
+                    ).scalar_subquery()
+                )
+            )
+        )
         statement = _join_xrefs(mapping, statement)
     if setting:
         image = statement.subquery("image")
@@ -687,16 +707,16 @@ def _insert_rows(
 
 
 # Column types whose values PostgreSQL reads from JSON exactly as the
-# driver would bind them, with the Python types that may fill them.
-_JSON_SAFE_TYPES: tuple[tuple[type, tuple[type, ...]], ...] = (
-    (sqltypes.String, (str,)),
-    (sqltypes.Integer, (int,)),
-    (sqltypes.Boolean, (bool,)),
-    (sqltypes.Numeric, (int, float, Decimal)),
-    (sqltypes.Float, (int, float)),
-    (sqltypes.DateTime, (dt.datetime,)),
-    (sqltypes.Date, (dt.date,)),
-    (sqltypes.Uuid, (uuid.UUID, str)),
+# driver would bind them, with the exact Python types that may fill them.
+_JSON_SAFE_TYPES: tuple[tuple[type, frozenset[type]], ...] = (
+    (sqltypes.String, frozenset({str})),
+    (sqltypes.Integer, frozenset({int})),
+    (sqltypes.Boolean, frozenset({bool})),
+    (sqltypes.Numeric, frozenset({int, float, Decimal})),
+    (sqltypes.Float, frozenset({int, float})),
+    (sqltypes.DateTime, frozenset({dt.datetime})),
+    (sqltypes.Date, frozenset({dt.date})),
+    (sqltypes.Uuid, frozenset({uuid.UUID, str})),
 )
 _json_inserts: weakref.WeakKeyDictionary[
     CompiledMapping, dict[tuple[str, ...], Any]
@@ -723,14 +743,20 @@ def _insert_json(
     if statement is None:
         return None
     table = mapping.target_table
+    accepted = [_json_types(table.c[key]) for key in keys]
     documents = []
     for position, values in enumerate(rows):
         if tuple(values) != keys:
             return None
         document: dict[str, Any] = {"dw_position": position}
-        for key, value in values.items():
-            if value is not None and not _json_safe(table.c[key], value):
-                return None
+        for (key, value), (types, naive_only) in zip(
+            values.items(), accepted, strict=True
+        ):
+            if value is not None:
+                if type(value) not in types:
+                    return None
+                if naive_only and value.tzinfo is not None:
+                    return None
             document[key] = to_json(value)
         documents.append(document)
     result = target.execute(statement, {"rows": json.dumps(documents)})
@@ -748,24 +774,20 @@ class _UnexpectedRowCount(SQLAlchemyError):
     pass
 
 
-def _json_safe(column: Column[Any], value: Any) -> bool:
+def _json_types(column: Column[Any]) -> tuple[frozenset[type], bool]:
+    """Return the value types that ``column`` reads from JSON as bound,
+    and whether datetimes must be naive for it."""
     column_type = column.type
     if isinstance(column_type, TypeDecorator):
-        return False
+        return frozenset(), False
     for sql_type, python_types in _JSON_SAFE_TYPES:
         if isinstance(column_type, sql_type):
-            if not isinstance(value, python_types):
-                return False
-            if isinstance(column_type, sqltypes.DateTime):
-                # timestamp without time zone ignores an offset in text.
-                aware = getattr(value, "tzinfo", None) is not None
-                return not aware or bool(column_type.timezone)
-            if isinstance(column_type, sqltypes.Date):
-                return not isinstance(value, dt.datetime)
-            if isinstance(column_type, sqltypes.Integer):
-                return not isinstance(value, bool)
-            return True
-    return False
+            # timestamp without time zone ignores an offset in text.
+            naive_only = isinstance(column_type, sqltypes.DateTime) and not (
+                column_type.timezone
+            )
+            return python_types, naive_only
+    return frozenset(), False
 
 
 def _json_insert_statement(
