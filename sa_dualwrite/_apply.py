@@ -52,6 +52,9 @@ _PG_RESTORE_TIMEOUTS = text(
     "SELECT set_config('statement_timeout', :statement_timeout, true), "
     "set_config('lock_timeout', :lock_timeout, true)"
 )
+# Not SQLAlchemy's begin_nested(): that savepoint would be released.
+_FAST_SAVEPOINT = "SAVEPOINT sa_dualwrite_sync"
+_FAST_ROLLBACK = "ROLLBACK TO SAVEPOINT sa_dualwrite_sync"
 _PG_LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(key) "
     "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)"
@@ -112,17 +115,9 @@ class Applier:
         deadline = time.monotonic() + self.timeout
         if _has_fast_path(connection):
             try:
-                with connection.begin_nested():
-                    return sync_changes_fast(
-                        changes,
-                        source=connection,
-                        target=connection,
-                        mappings=self.mappings,
-                        session_key=session_key,
-                        deadline=deadline,
-                        fresh_inserts=True,
-                        set_timeouts=True,
-                    )
+                return self._apply_fast_in_transaction(
+                    connection, changes, session_key, deadline
+                )
             except Exception as exc:
                 self._log_fast_failure(exc, changes)
         try:
@@ -212,6 +207,36 @@ class Applier:
             return self._record_failures(
                 target, changes, session_key, exc, nested=False
             )
+
+    def _apply_fast_in_transaction(
+        self,
+        connection: Connection,
+        changes: Sequence[Change],
+        session_key: str | None,
+        deadline: float,
+    ) -> list[Outcome]:
+        """Run :func:`sync_changes_fast` under a savepoint that is never
+        released.
+
+        The source COMMIT follows at once and ends the savepoint with the
+        transaction, so a RELEASE would only cost a round trip. On failure
+        the savepoint is rolled back and the exception raised.
+        """
+        connection.exec_driver_sql(_FAST_SAVEPOINT)
+        try:
+            return sync_changes_fast(
+                changes,
+                source=connection,
+                target=connection,
+                mappings=self.mappings,
+                session_key=session_key,
+                deadline=deadline,
+                fresh_inserts=True,
+                set_timeouts=True,
+            )
+        except Exception:
+            connection.exec_driver_sql(_FAST_ROLLBACK)
+            raise
 
     def _log_fast_failure(
         self, exc: Exception, changes: Sequence[Change]
