@@ -109,8 +109,8 @@ class Applier:
         Runs just before the source COMMIT. Everything happens under one
         savepoint, so a failure leaves the source transaction as it was.
         On PostgreSQL the changes are first applied in as few statements as
-        possible; when that fails, the savepoint is rolled back and the
-        changes are applied again, each failing change alone.
+        possible. When that fails, its savepoint is rolled back and the
+        changes are applied again, so that each failing change fails alone.
         """
         deadline = time.monotonic() + self.timeout
         if _has_fast_path(connection):

@@ -225,9 +225,9 @@ class _Timeouts:
     """Statement and lock timeouts set for one sync on PostgreSQL.
 
     ``set()`` bounds the statements that follow by the time left until
-    ``deadline`` and keeps the values it replaced in ``saved``; a sync
-    puts them back in its last statement. ``read_and_set()`` does the same
-    within the SELECT of source rows, which saves a round trip.
+    ``deadline`` and keeps the values it replaced in ``saved``, so that a
+    sync can put them back in its last statement. ``read_and_set()`` does
+    the same within the SELECT of source rows, which saves a round trip.
     """
 
     def __init__(self, deadline: float) -> None:
@@ -246,13 +246,14 @@ class _Timeouts:
         }
 
     def read_and_set(
-        self, connection: Connection, statement: Select[Any], keys: list[Any]
+        self, connection: Connection, statement: Select[Any], keys: Any
     ) -> list[Row[Any]]:
         """Run an image SELECT from :func:`_image_statement` that sets the
         timeouts, for ``keys``.
 
-        The timeouts apply from the next statement on: this SELECT reads
-        rows by key and takes no lock.
+        statement_timeout applies from the next statement on, but this
+        SELECT only reads rows by key. lock_timeout, set before any row
+        is read, already bounds its wait for the target rows it locks.
         """
         params = self._params()
         params["keys"] = keys
@@ -1127,12 +1128,12 @@ def sync_changes_fast(
     """Apply ``changes`` like :func:`sync_changes`, in fewer statements.
 
     For PostgreSQL targets. No savepoint is taken, and the audit rows and
-    cross-references go out in one final statement, so a database error
-    anywhere is raised and leaves the target transaction unusable: the
-    caller must roll back to where it stood before the call, then call
-    :func:`sync_changes`, which fails each bad change alone. Changes that
-    fail without a database error (a value missing from a value map, a
-    missing ref, the time budget) fail here as they do there.
+    cross-references go out in one final statement. A database error
+    anywhere is therefore raised and leaves the target transaction
+    unusable. The caller must then roll back to where it stood before the
+    call and call :func:`sync_changes`, which fails each bad change alone.
+    Changes that fail without a database error (a value missing from a
+    value map, a missing ref, the time budget) fail here as they do there.
 
     ``fresh_inserts`` skips the cross-reference lookup of changes captured
     as inserts: the source transaction inserted those rows, so they have
@@ -1169,6 +1170,9 @@ def sync_changes_fast(
     }
     if prefetched is not None:
         known |= prefetched.looked_up
+    # TODO: with a separate target, an update still reads its
+    # cross-reference and then locks its target row in two statements.
+    # A LATERAL join, as _join_xrefs() does, would make them one.
     cache = _load_cross_references(target, plans, mappings, frozenset(known))
     if prefetched is not None:
         for name, found in prefetched.found.items():

@@ -241,7 +241,7 @@ _COLUMNS = [
 
 
 def test_batch_insert_keeps_values(pg_engine: Engine) -> None:
-    """A many-row commit writes each value as the source holds it."""
+    """A many-row commit copies each value exactly as the source has it."""
     _Base.metadata.create_all(pg_engine)
     mapping = dw.Mapping(
         name="readings",
