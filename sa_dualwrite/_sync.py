@@ -791,6 +791,19 @@ def _json_types(column: Column[Any]) -> tuple[frozenset[type], bool]:
     return frozenset(), False
 
 
+def _ascending_identity(column: Column[Any]) -> bool:
+    """Return whether the key values the database draws for ``column``
+    grow, as a SERIAL column's or a default IDENTITY's do."""
+    # NOTE: a sequence altered in the database to count down is not seen
+    # here; its rows would be matched to the wrong changes.
+    identity = column.identity
+    return (
+        identity is None
+        or identity.increment is None
+        or (identity.increment > 0)
+    )
+
+
 def _json_insert_statement(
     mapping: CompiledMapping, keys: tuple[str, ...]
 ) -> Any:
@@ -806,6 +819,7 @@ def _json_insert_statement(
         and pk_columns[0] is table.autoincrement_column
         and isinstance(pk_columns[0].type, sqltypes.Integer)
         and pk_columns[0].default is None
+        and _ascending_identity(pk_columns[0])
         and pk_columns[0].key not in keys
         and all(
             column.key in keys or column.default is None
