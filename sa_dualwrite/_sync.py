@@ -437,12 +437,7 @@ class _Prefetched:
         v2_key = columns["_dw_own"]
         self._note(mapping.name, own_key, v2_key)
         if v2_key is not None and _locks_target(mapping):
-            current = {
-                column.key: columns[f"_dw_target{index}"]
-                for index, column in enumerate(mapping.target_table.columns)
-            }
-            if current[mapping.target_pk_columns[0].key] is not None:
-                self.locked[(mapping.name, v2_key)] = current
+            self._lock(mapping, v2_key, columns)
         for index, item in enumerate(_ref_fields(mapping)):
             value = image.get(item.sources[0])
             if value is not None:
@@ -453,10 +448,100 @@ class _Prefetched:
                     columns[f"_dw_ref{index}"],
                 )
 
+    def record_locked(self, mapping: CompiledMapping, row: Row[Any]) -> None:
+        """Record one row of :func:`_xref_lock_statement`."""
+        columns = row._mapping
+        self._note(mapping.name, row.v1_pk, row.v2_pk)
+        self._lock(mapping, row.v2_pk, columns)
+
+    def _lock(
+        self, mapping: CompiledMapping, v2_key: str, columns: Any
+    ) -> None:
+        current = {
+            column.key: columns[f"_dw_target{index}"]
+            for index, column in enumerate(mapping.target_table.columns)
+        }
+        if current[mapping.target_pk_columns[0].key] is not None:
+            self.locked[(mapping.name, v2_key)] = current
+
     def _note(self, mapping: str, v1_key: str, v2_key: str | None) -> None:
         self.looked_up.add((mapping, v1_key))
         if v2_key is not None:
             self.found.setdefault(mapping, {})[v1_key] = v2_key
+
+
+def _lock_updated_rows(
+    target: Connection,
+    plans: list[_Plan],
+    skip: set[tuple[str, str]],
+    prefetched: _Prefetched,
+) -> None:
+    """Read the cross-references of rows that may be updated, and lock
+    their target rows, in one SELECT per mapping.
+
+    For a target in another database than the source: rows in ``skip``
+    and rows whose source row is gone are left to the usual lookups.
+    """
+    wanted: dict[str, tuple[CompiledMapping, list[str]]] = {}
+    for plan in plans:
+        mapping = plan.mapping
+        if (
+            plan.image is None
+            or (mapping.name, plan.v1_key) in skip
+            or not _locks_target(mapping)
+        ):
+            continue
+        wanted.setdefault(mapping.name, (mapping, []))[1].append(plan.v1_key)
+    for mapping, keys in wanted.values():
+        statement = _xref_lock_statement(mapping)
+        for part in _store.chunks(keys):
+            rows = target.execute(statement, {"keys": json.dumps(list(part))})
+            for row in rows:
+                prefetched.record_locked(mapping, row)
+            for key in part:
+                prefetched.looked_up.add((mapping.name, key))
+
+
+_xref_lock_statements: weakref.WeakKeyDictionary[
+    CompiledMapping, Select[Any]
+] = weakref.WeakKeyDictionary()
+
+
+def _xref_lock_statement(mapping: CompiledMapping) -> Select[Any]:
+    """Return the SELECT of cross-references by source key text, given as
+    one JSON array, with their target rows locked, built once."""
+    found = _xref_lock_statements.get(mapping)
+    if found is not None:
+        return found
+    xref = _store.xref_table
+    target = mapping.target_table
+    key_column = mapping.target_pk_columns[0]
+    keys = func.jsonb_array_elements_text(
+        bindparam("keys", type_=Text).cast(JSONB)
+    ).table_valued("value")
+    current = (
+        select(target)
+        .where(key_column == cast(xref.c.v2_pk, key_column.type))
+        .with_for_update()
+        .lateral("dw_target")
+    )
+    found = (
+        select(
+            xref.c.v1_pk,
+            xref.c.v2_pk,
+            *(
+                current.c[column.key].label(f"_dw_target{index}")
+                for index, column in enumerate(target.columns)
+            ),
+        )
+        .select_from(xref.outerjoin(current, true()))
+        .where(
+            xref.c.mapping == literal(mapping.name),
+            xref.c.v1_pk.in_(select(keys.c.value).scalar_subquery()),
+        )
+    )
+    _xref_lock_statements[mapping] = found
+    return found
 
 
 def _complete(plan: _Plan) -> bool:
@@ -1166,11 +1251,10 @@ def sync_changes_fast(
     if set_timeouts:
         assert deadline is not None, "set_timeouts needs a deadline"
         timeouts = _Timeouts(deadline)
+    prefetched = _Prefetched()
     if source is target:
-        prefetched = _Prefetched()
         _read_images(source, plans, timeouts, prefetched)
     else:
-        prefetched = None
         _read_images(source, plans)
     if timeouts is not None and timeouts.saved is None:
         timeouts.set(target)
@@ -1182,15 +1266,12 @@ def sync_changes_fast(
         for plan in plans
         if fresh_inserts and plan.change.operation == INSERT
     }
-    if prefetched is not None:
-        known |= prefetched.looked_up
-    # TODO: with a separate target, an update still reads its
-    # cross-reference and then locks its target row in two statements.
-    # A LATERAL join, as _join_xrefs() does, would make them one.
+    if source is not target:
+        _lock_updated_rows(target, plans, known, prefetched)
+    known |= prefetched.looked_up
     cache = _load_cross_references(target, plans, mappings, frozenset(known))
-    if prefetched is not None:
-        for name, found in prefetched.found.items():
-            cache.setdefault(name, {}).update(found)
+    for name, found in prefetched.found.items():
+        cache.setdefault(name, {}).update(found)
     for plan in plans:
         _decide_operation(plan, cache)
 
@@ -1208,7 +1289,7 @@ def sync_changes_fast(
                 ready,
                 cache,
                 xref_rows,
-                None if prefetched is None else prefetched.locked,
+                prefetched.locked,
             )
 
     final = [plan.outcome for plan in plans if plan.outcome is not None]
