@@ -28,7 +28,12 @@ from sqlalchemy import Connection, Engine, text
 from sa_dualwrite import _store, signals
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
-from sa_dualwrite._sync import Outcome, SyncTimeout, sync_changes
+from sa_dualwrite._sync import (
+    Outcome,
+    SyncTimeout,
+    sync_changes,
+    sync_changes_fast,
+)
 from sa_dualwrite.mapping._compile import CompiledMapping
 
 __all__ = ["Applier"]
@@ -47,9 +52,20 @@ _PG_RESTORE_TIMEOUTS = text(
     "SELECT set_config('statement_timeout', :statement_timeout, true), "
     "set_config('lock_timeout', :lock_timeout, true)"
 )
+# Not SQLAlchemy's begin_nested(): that savepoint would be released.
+_FAST_SAVEPOINT = "SAVEPOINT sa_dualwrite_sync"
+_FAST_ROLLBACK = "ROLLBACK TO SAVEPOINT sa_dualwrite_sync"
 _PG_LOCK_KEYS = text(
     "SELECT pg_advisory_xact_lock(key) "
     "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)"
+)
+# The scalar subquery runs after the set_config() calls to its left, so
+# lock_timeout already bounds its lock waits.
+_PG_SET_TIMEOUTS_AND_LOCK = text(
+    "SELECT set_config('statement_timeout', :budget, true), "
+    "set_config('lock_timeout', :budget, true), "
+    "(SELECT count(pg_advisory_xact_lock(key)) "
+    "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)) AS locked"
 )
 
 
@@ -92,8 +108,18 @@ class Applier:
 
         Runs just before the source COMMIT. Everything happens under one
         savepoint, so a failure leaves the source transaction as it was.
+        On PostgreSQL the changes are first applied in as few statements as
+        possible. When that fails, its savepoint is rolled back and the
+        changes are applied again, so that each failing change fails alone.
         """
         deadline = time.monotonic() + self.timeout
+        if _has_fast_path(connection):
+            try:
+                return self._apply_fast_in_transaction(
+                    connection, changes, session_key, deadline
+                )
+            except Exception as exc:
+                self._log_fast_failure(exc, changes)
         try:
             with connection.begin_nested():
                 saved = self._set_timeouts(connection, deadline)
@@ -151,11 +177,26 @@ class Applier:
         deadline: float,
         owns_read: bool,
     ) -> list[Outcome]:
+        if _has_fast_path(target):
+            try:
+                with target.begin():
+                    self._set_timeouts_and_lock(target, deadline, changes)
+                    return sync_changes_fast(
+                        changes,
+                        source=source,
+                        target=target,
+                        mappings=self.mappings,
+                        session_key=session_key,
+                        deadline=deadline,
+                        fresh_inserts=True,
+                    )
+            except Exception as exc:
+                self._log_fast_failure(exc, changes)
+                _end_read(source, rollback=owns_read, close=False)
         try:
             with target.begin():
                 self._begin_write(target)
-                self._set_timeouts(target, deadline)
-                self.lock_rows(target, changes)
+                self._set_timeouts_and_lock(target, deadline, changes)
                 outcomes = sync_changes(
                     changes,
                     source=source,
@@ -170,6 +211,45 @@ class Applier:
             return self._record_failures(
                 target, changes, session_key, exc, nested=False
             )
+
+    def _apply_fast_in_transaction(
+        self,
+        connection: Connection,
+        changes: Sequence[Change],
+        session_key: str | None,
+        deadline: float,
+    ) -> list[Outcome]:
+        """Run :func:`sync_changes_fast` under a savepoint that is never
+        released.
+
+        The source COMMIT follows at once and ends the savepoint with the
+        transaction, so a RELEASE would only cost a round trip. On failure
+        the savepoint is rolled back and the exception raised.
+        """
+        connection.exec_driver_sql(_FAST_SAVEPOINT)
+        try:
+            return sync_changes_fast(
+                changes,
+                source=connection,
+                target=connection,
+                mappings=self.mappings,
+                session_key=session_key,
+                deadline=deadline,
+                fresh_inserts=True,
+                set_timeouts=True,
+            )
+        except Exception:
+            connection.exec_driver_sql(_FAST_ROLLBACK)
+            raise
+
+    def _log_fast_failure(
+        self, exc: Exception, changes: Sequence[Change]
+    ) -> None:
+        self.logger.debug(
+            "sync_retried_change_by_change",
+            error=_one_line(exc),
+            changes=len(changes),
+        )
 
     def _connect_target(self, deadline: float) -> Connection:
         """Check out a target connection, waiting until ``deadline`` only.
@@ -226,6 +306,26 @@ class Applier:
         if saved is not None:
             connection.execute(_PG_RESTORE_TIMEOUTS, saved)
 
+    def _set_timeouts_and_lock(
+        self,
+        connection: Connection,
+        deadline: float,
+        changes: Sequence[Change],
+    ) -> None:
+        """Bound the target's waits by the budget, then lock the rows.
+
+        One statement on PostgreSQL does both; see :meth:`lock_rows`.
+        """
+        if connection.dialect.name != "postgresql" or not changes:
+            self._set_timeouts(connection, deadline)
+            self.lock_rows(connection, changes)
+            return
+        budget_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+        connection.execute(
+            _PG_SET_TIMEOUTS_AND_LOCK,
+            {"budget": f"{budget_ms}ms", "keys": _lock_keys(changes)},
+        ).all()
+
     def lock_rows(
         self, connection: Connection, changes: Sequence[Change]
     ) -> None:
@@ -236,13 +336,7 @@ class Applier:
         """
         if connection.dialect.name != "postgresql" or not changes:
             return
-        keys = sorted(
-            {
-                lock_id(change.mapping, encode_key(change.v1_pk))
-                for change in changes
-            }
-        )
-        connection.execute(_PG_LOCK_KEYS, {"keys": keys}).all()
+        connection.execute(_PG_LOCK_KEYS, {"keys": _lock_keys(changes)}).all()
 
     def _record_failures(
         self,
@@ -364,6 +458,22 @@ class Applier:
             connector, self._connector = self._connector, None
         if connector is not None:
             connector.shutdown(wait=False, cancel_futures=True)
+
+
+def _lock_keys(changes: Sequence[Change]) -> list[int]:
+    """Return the advisory lock ids of ``changes``, sorted against
+    deadlocks between syncs that lock the same rows."""
+    return sorted(
+        {
+            lock_id(change.mapping, encode_key(change.v1_pk))
+            for change in changes
+        }
+    )
+
+
+def _has_fast_path(connection: Connection) -> bool:
+    """Return whether :func:`sync_changes_fast` can write to ``connection``."""
+    return connection.dialect.name == "postgresql"
 
 
 def _failed(change: Change, exc: BaseException) -> Outcome:
