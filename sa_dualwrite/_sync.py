@@ -43,6 +43,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     and_,
+    any_,
     bindparam,
     cast,
     column,
@@ -55,7 +56,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.sql import sqltypes
@@ -198,8 +199,6 @@ def _read_images(
         try:
             for part in _store.chunks(keys):
                 params: Any = [key[0] for key in part] if single else part
-                if joined:
-                    params = json.dumps(params)
                 if timeouts is not None and timeouts.saved is None:
                     statement = _image_statement(mapping, joined, True)
                     rows = timeouts.read_and_set(source, statement, params)
@@ -290,7 +289,7 @@ def _image_statement(
     """Return the SELECT of source rows by key, built once per variant.
 
     ``joined`` adds the cross-references of each row (``_dw_own``) and of
-    its refs (``_dw_ref0`` and so on), and takes the keys as one JSON array
+    its refs (``_dw_ref0`` and so on), and takes the keys as one array
     (psycopg parses a statement with more than 50 parameters anew on each
     call). ``setting`` adds the columns of ``_SETTINGS`` and returns one
     row even when no source row matches.
@@ -303,19 +302,14 @@ def _image_statement(
     if joined:
         mapper = mapping.source_mapper
         key_column = mapper.primary_key[0]
-        keys = func.jsonb_array_elements_text(
-            bindparam("keys", type_=Text).cast(JSONB)
-        ).table_valued("value")
+        # One array parameter, which the planner sizes from its value; a
+        # set-returning function over a JSON parameter is estimated at 100
+        # rows and turns the key lookups into scans of whole tables.
+        keys = bindparam("keys", type_=ARRAY(key_column.type))
         statement = (
             select(*statement.selected_columns)
             .select_from(mapper.local_table)
-            .where(
-                key_column.in_(
-                    select(
-                        cast(keys.c.value, key_column.type)
-                    ).scalar_subquery()
-                )
-            )
+            .where(key_column == any_(keys))
         )
         statement = _join_xrefs(mapping, statement)
     if setting:
@@ -495,7 +489,7 @@ def _lock_updated_rows(
     for mapping, keys in needed.values():
         statement = _xref_lock_statement(mapping)
         for part in _store.chunks(keys):
-            rows = target.execute(statement, {"keys": json.dumps(list(part))})
+            rows = target.execute(statement, {"keys": list(part)})
             for row in rows:
                 prefetched.record_locked(mapping, row)
             for key in part:
@@ -509,16 +503,14 @@ _xref_lock_statements: weakref.WeakKeyDictionary[
 
 def _xref_lock_statement(mapping: CompiledMapping) -> Select[Any]:
     """Return the SELECT of cross-references by source key text, given as
-    one JSON array, with their target rows locked, built once."""
+    one array, with their target rows locked, built once."""
     found = _xref_lock_statements.get(mapping)
     if found is not None:
         return found
     xref = _store.xref_table
     target = mapping.target_table
     key_column = mapping.target_pk_columns[0]
-    keys = func.jsonb_array_elements_text(
-        bindparam("keys", type_=Text).cast(JSONB)
-    ).table_valued("value")
+    keys = bindparam("keys", type_=ARRAY(Text()))
     current = (
         select(target)
         .where(key_column == cast(xref.c.v2_pk, key_column.type))
@@ -537,7 +529,7 @@ def _xref_lock_statement(mapping: CompiledMapping) -> Select[Any]:
         .select_from(xref.outerjoin(current, true()))
         .where(
             xref.c.mapping == literal(mapping.name),
-            xref.c.v1_pk.in_(select(keys.c.value).scalar_subquery()),
+            xref.c.v1_pk == any_(keys),
         )
     )
     _xref_lock_statements[mapping] = found

@@ -16,6 +16,7 @@ that ends without a commit discards its buffer.
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.orm import Mapper, Session, SessionTransaction
+from sqlalchemy.orm import InstanceState, Mapper, Session, SessionTransaction
 from sqlalchemy.orm.base import instance_state
 
 from sa_dualwrite._apply import Applier
@@ -61,6 +62,35 @@ def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
         assert parent.parent is not None
         parent = parent.parent
     return parent
+
+
+def _inserted_values(
+    mapping: CompiledMapping, state: InstanceState[Any]
+) -> dict[str, Any] | None:
+    """Return the source values of a row just inserted, if all are known.
+
+    After an INSERT the ORM holds the values it sent and those the database
+    returned (keys, server defaults). An attribute set to a SQL expression,
+    or a server default it did not fetch, is missing from the object's
+    dict; so is an attribute never set, which is NULL when its column has
+    no default. Only when every mapped value is known this way can the sync
+    skip reading the row back. JSON values are copied, because the
+    application may still change them in place before the commit.
+    """
+    loaded = state.dict
+    expired = state.expired_attributes
+    values: dict[str, Any] = {}
+    for attr in mapping.source_attrs:
+        if attr not in loaded:
+            if attr in expired or attr not in mapping.null_when_unset:
+                return None
+            values[attr] = None
+            continue
+        value = loaded[attr]
+        if isinstance(value, (dict, list)):
+            value = copy.deepcopy(value)
+        values[attr] = value
+    return values
 
 
 class CaptureListeners:
@@ -158,6 +188,7 @@ class CaptureListeners:
             return
         session, buffer = self._buffer_for(target, connection)
         actor = current_actor(session)
+        state = instance_state(target)
         for mapping in mappings:
             self._add(
                 session,
@@ -169,6 +200,7 @@ class CaptureListeners:
                     mapping.source_key(target),
                     frozenset(mapping.source_attrs),
                     actor,
+                    _inserted_values(mapping, state),
                 ),
             )
 

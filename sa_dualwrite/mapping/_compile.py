@@ -105,9 +105,11 @@ class CompiledMapping:
     on_delete: str | dict[str, Any]
     target_types: dict[str, type | None] = field(default_factory=dict)
     image_select: Select[Any] = field(init=False)
+    null_when_unset: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.image_select = _image_select(self)
+        self.null_when_unset = _null_when_unset(self)
 
     @property
     def source_table_name(self) -> str:
@@ -192,6 +194,31 @@ def _describe(item: CompiledField, exc: Exception) -> str:
         return f"source {item.sources[0]!r}: {exc}"
     name = getattr(item.function, "__qualname__", repr(item.function))
     return f"compute function {name} raised {type(exc).__name__}: {exc}"
+
+
+def _null_when_unset(mapping: CompiledMapping) -> frozenset[str]:
+    """Return the source attributes that are NULL when an insert omits them.
+
+    These are plain table columns without any default, so the database
+    stores NULL for them; a column with a default, an identity or a
+    computed value may hold something the ORM did not see.
+    """
+    names = []
+    for attr in mapping.source_attrs:
+        prop = mapping.source_mapper.attrs[attr]
+        if not isinstance(prop, ColumnProperty) or len(prop.columns) != 1:
+            continue
+        column = prop.columns[0]
+        if (
+            isinstance(column, Column)
+            and column.default is None
+            and column.server_default is None
+            and column.computed is None
+            and column.identity is None
+            and not column.primary_key
+        ):
+            names.append(attr)
+    return frozenset(names)
 
 
 def _image_select(mapping: CompiledMapping) -> Select[Any]:
