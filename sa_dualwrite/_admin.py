@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, inspect, select
 
 from sa_dualwrite import _outbox, _revert, _store
+from sa_dualwrite._codec import decode_key
 from sa_dualwrite._errors import DualWriteError
 
 if TYPE_CHECKING:
@@ -217,6 +218,15 @@ def preview_revert(
         rows = _revert._select_for_revert(connection, audit_id, session_key)
         for row in rows:
             mapping = handle._mapping(row.mapping)
+            current = (
+                _revert._current_row(
+                    connection,
+                    mapping,
+                    decode_key(row.v2_pk, mapping.target_pk_types),
+                )
+                if row.v2_pk is not None
+                else None
+            )
             undone = _revert._undo_one(connection, mapping, row, True)
             steps.append(
                 RevertStep(
@@ -229,7 +239,7 @@ def preview_revert(
                     current=undone["before"],
                     restored=undone["after"],
                     conflict=row.v2_pk is not None
-                    and undone["before"] != row.after,
+                    and not _revert._same_row(mapping, current, row.after),
                 )
             )
         connection.rollback()

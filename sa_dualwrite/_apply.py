@@ -16,7 +16,6 @@ be written, and are logged and signalled in every case.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import threading
 import time
 from collections import deque
@@ -25,14 +24,14 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from sa_dualwrite import _store, signals
+from sa_dualwrite import _locks, _pipeline, _store, signals
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
+from sa_dualwrite._logging import JsonLinesFile
 from sa_dualwrite._sync import (
     Outcome,
     SyncTimeout,
     sync_changes,
-    sync_changes_fast,
 )
 from sa_dualwrite.mapping._compile import CompiledMapping
 
@@ -52,29 +51,9 @@ _PG_RESTORE_TIMEOUTS = text(
     "SELECT set_config('statement_timeout', :statement_timeout, true), "
     "set_config('lock_timeout', :lock_timeout, true)"
 )
-# Not SQLAlchemy's begin_nested(): that savepoint would be released.
-_FAST_SAVEPOINT = "SAVEPOINT sa_dualwrite_sync"
-_FAST_ROLLBACK = "ROLLBACK TO SAVEPOINT sa_dualwrite_sync"
-_PG_LOCK_KEYS = text(
-    "SELECT pg_advisory_xact_lock(key) "
-    "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)"
+_PG_LOCK = text(
+    _locks.LOCK_SQL.replace("%(keys)s", ":keys").replace("%(modes)s", ":modes")
 )
-# The scalar subquery runs after the set_config() calls to its left, so
-# lock_timeout already bounds its lock waits.
-_PG_SET_TIMEOUTS_AND_LOCK = text(
-    "SELECT set_config('statement_timeout', :budget, true), "
-    "set_config('lock_timeout', :budget, true), "
-    "(SELECT count(pg_advisory_xact_lock(key)) "
-    "FROM unnest(CAST(:keys AS bigint[])) AS keys(key)) AS locked"
-)
-
-
-def lock_id(mapping: str, v1_key: str) -> int:
-    """Return the 64-bit advisory lock id of one source row."""
-    digest = hashlib.blake2b(
-        f"{mapping}\x00{v1_key}".encode(), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 class Applier:
@@ -95,6 +74,7 @@ class Applier:
         self.timeout = timeout
         self.logger = logger
         self.unrecorded: deque[tuple[Change, str | None]] = deque()
+        self.sink: JsonLinesFile | None = None
         self._lock = threading.Lock()
         self._connector: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -113,12 +93,22 @@ class Applier:
         changes are applied again, so that each failing change fails alone.
         """
         deadline = time.monotonic() + self.timeout
-        if _has_fast_path(connection):
+        if _pipeline.usable(connection) and _pipeline.eligible(
+            changes, self.mappings, connection.dialect
+        ):
             try:
-                return self._apply_fast_in_transaction(
-                    connection, changes, session_key, deadline
+                return _pipeline.sync_in_transaction(
+                    connection,
+                    changes,
+                    mappings=self.mappings,
+                    session_key=session_key,
+                    deadline=deadline,
                 )
             except Exception as exc:
+                if timed_out(exc):
+                    return self._record_failures(
+                        connection, changes, session_key, exc, nested=True
+                    )
                 self._log_fast_failure(exc, changes)
         try:
             with connection.begin_nested():
@@ -177,22 +167,27 @@ class Applier:
         deadline: float,
         owns_read: bool,
     ) -> list[Outcome]:
-        if _has_fast_path(target):
+        if (
+            owns_read
+            and _pipeline.usable(target)
+            and _pipeline.usable(source)
+            and _pipeline.eligible(changes, self.mappings, target.dialect)
+        ):
             try:
-                with target.begin():
-                    self._set_timeouts_and_lock(target, deadline, changes)
-                    return sync_changes_fast(
-                        changes,
-                        source=source,
-                        target=target,
-                        mappings=self.mappings,
-                        session_key=session_key,
-                        deadline=deadline,
-                        fresh_inserts=True,
-                    )
+                return _pipeline.sync_after_commit(
+                    target,
+                    source,
+                    changes,
+                    mappings=self.mappings,
+                    session_key=session_key,
+                    deadline=deadline,
+                )
             except Exception as exc:
+                if timed_out(exc):
+                    return self._record_failures(
+                        target, changes, session_key, exc, nested=False
+                    )
                 self._log_fast_failure(exc, changes)
-                _end_read(source, rollback=owns_read, close=False)
         try:
             with target.begin():
                 self._begin_write(target)
@@ -211,36 +206,6 @@ class Applier:
             return self._record_failures(
                 target, changes, session_key, exc, nested=False
             )
-
-    def _apply_fast_in_transaction(
-        self,
-        connection: Connection,
-        changes: Sequence[Change],
-        session_key: str | None,
-        deadline: float,
-    ) -> list[Outcome]:
-        """Run :func:`sync_changes_fast` under a savepoint that is never
-        released.
-
-        The source COMMIT follows at once and ends the savepoint with the
-        transaction, so a RELEASE would only cost a round trip. On failure
-        the savepoint is rolled back and the exception raised.
-        """
-        connection.exec_driver_sql(_FAST_SAVEPOINT)
-        try:
-            return sync_changes_fast(
-                changes,
-                source=connection,
-                target=connection,
-                mappings=self.mappings,
-                session_key=session_key,
-                deadline=deadline,
-                fresh_inserts=True,
-                set_timeouts=True,
-            )
-        except Exception:
-            connection.exec_driver_sql(_FAST_ROLLBACK)
-            raise
 
     def _log_fast_failure(
         self, exc: Exception, changes: Sequence[Change]
@@ -316,15 +281,8 @@ class Applier:
 
         One statement on PostgreSQL does both; see :meth:`lock_rows`.
         """
-        if connection.dialect.name != "postgresql" or not changes:
-            self._set_timeouts(connection, deadline)
-            self.lock_rows(connection, changes)
-            return
-        budget_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-        connection.execute(
-            _PG_SET_TIMEOUTS_AND_LOCK,
-            {"budget": f"{budget_ms}ms", "keys": _lock_keys(changes)},
-        ).all()
+        self._set_timeouts(connection, deadline)
+        self.lock_rows(connection, changes)
 
     def lock_rows(
         self, connection: Connection, changes: Sequence[Change]
@@ -332,11 +290,12 @@ class Applier:
         """Serialize syncs of the same source rows on a PostgreSQL target.
 
         A sync reads the committed source rows after taking these locks,
-        so the sync that writes last has read the latest committed state.
+        so the sync that writes last has read the latest committed state;
+        see :mod:`sa_dualwrite._locks`.
         """
         if connection.dialect.name != "postgresql" or not changes:
             return
-        connection.execute(_PG_LOCK_KEYS, {"keys": _lock_keys(changes)}).all()
+        connection.execute(_PG_LOCK, _locks.lock_plan(changes)).all()
 
     def _record_failures(
         self,
@@ -348,7 +307,7 @@ class Applier:
         nested: bool,
     ) -> list[Outcome]:
         """Audit every change as failed after the whole sync failed."""
-        outcomes = [_failed(change, exc) for change in changes]
+        outcomes = [_failed(change, exc, self.timeout) for change in changes]
         rows = [_audit_row(outcome, session_key) for outcome in outcomes]
         try:
             if nested:
@@ -389,7 +348,7 @@ class Applier:
                         limit=MAX_UNRECORDED,
                     )
                 self.unrecorded.append((change, session_key))
-        return [_failed(change, exc) for change in changes]
+        return [_failed(change, exc, self.timeout) for change in changes]
 
     def take_unrecorded(self) -> list[tuple[Change, str | None]]:
         """Remove and return the changes kept for replay()."""
@@ -405,6 +364,17 @@ class Applier:
 
         A receiver that raises is logged, and the other receivers still run.
         """
+        if not outcomes:
+            return
+        if self.sink is None:
+            self._report(outcomes, session_key)
+            return
+        with self.sink.batch():
+            self._report(outcomes, session_key)
+
+    def _report(
+        self, outcomes: Sequence[Outcome], session_key: str | None
+    ) -> None:
         for outcome in outcomes:
             fields = {
                 "mapping": outcome.mapping,
@@ -460,25 +430,25 @@ class Applier:
             connector.shutdown(wait=False, cancel_futures=True)
 
 
-def _lock_keys(changes: Sequence[Change]) -> list[int]:
-    """Return the advisory lock ids of ``changes``, sorted against
-    deadlocks between syncs that lock the same rows."""
-    return sorted(
-        {
-            lock_id(change.mapping, encode_key(change.v1_pk))
-            for change in changes
-        }
-    )
+def timed_out(exc: BaseException) -> bool:
+    """Return whether a database error is PostgreSQL ending a wait.
+
+    That is statement_timeout (SQLSTATE 57014) or lock_timeout (55P03),
+    which the sync sets from the time budget.
+    """
+    error = getattr(exc, "orig", None) or exc
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return code in ("57014", "55P03")
 
 
-def _has_fast_path(connection: Connection) -> bool:
-    """Return whether :func:`sync_changes_fast` can write to ``connection``."""
-    return connection.dialect.name == "postgresql"
-
-
-def _failed(change: Change, exc: BaseException) -> Outcome:
+def _failed(change: Change, exc: BaseException, timeout: float) -> Outcome:
     if isinstance(exc, TimeoutError) and not isinstance(exc, SyncTimeout):
         message = f"target unreachable: {exc}"
+    elif timed_out(exc):
+        message = (
+            f"timed out: the target did not answer within v2_timeout "
+            f"({timeout} s): {_one_line(exc)}"
+        )
     else:
         message = f"sync failed: {_one_line(exc)}"
     return Outcome(

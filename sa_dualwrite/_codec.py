@@ -87,6 +87,9 @@ def from_json(value: Any, type_: type | None) -> Any:
     if type_ is uuid.UUID:
         return uuid.UUID(str(value))
     if type_ is bytes:
+        if isinstance(value, str) and value.startswith("\\x"):
+            # PostgreSQL's JSON functions write bytea in hex form.
+            return bytes.fromhex(value[2:])
         return base64.b64decode(value)
     if issubclass(type_, enum.Enum):
         return type_(value)

@@ -101,6 +101,7 @@ class DualWrite:
                 logger=self.logger,
             )
         )
+        self._applier.sink = self._log_sink
         self._listeners = CaptureListeners(
             engine=engine,
             mappings=mappings,

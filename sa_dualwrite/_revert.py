@@ -96,6 +96,25 @@ def _decode_image(
     }
 
 
+def _same_row(
+    mapping: CompiledMapping,
+    current: dict[str, Any] | None,
+    image: dict[str, Any] | None,
+) -> bool:
+    """Return whether a target row still holds the values of an image.
+
+    Images are compared by value, so that a timestamp or a number written
+    by PostgreSQL's JSON functions equals the same value written by Python.
+    """
+    if current is None or image is None:
+        return current is None and image is None
+    if set(image) - set(current):
+        return False
+    return _decode_image(mapping, image) == {
+        column: current[column] for column in image if column in current
+    }
+
+
 def _encode_image(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if row is None else {k: to_json(v) for k, v in row.items()}
 
@@ -112,7 +131,7 @@ def _undo_one(
     key = decode_key(row.v2_pk, mapping.target_pk_types)
     current = _current_row(connection, mapping, key)
     current_image = _encode_image(current)
-    if current_image != row.after and not force:
+    if not _same_row(mapping, current, row.after) and not force:
         raise RevertConflict(
             f"target row {mapping.target_table.name} key {row.v2_pk} changed "
             f"after audit row {row.id} was applied; inspect it, then revert "

@@ -9,7 +9,6 @@ SQLAlchemy's compiled cache serves every later call.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,17 +21,13 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    Select,
     String,
     Table,
     Text,
     bindparam,
-    column,
     delete,
-    func,
     insert,
     select,
-    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -244,142 +239,3 @@ def insert_audit(
         return ids
     result = connection.execute(_insert_audit_returning, list(rows))
     return [int(audit_id) for audit_id in result.scalars()]
-
-
-# PostgreSQL: the audit rows and the cross-reference rows of one sync in one
-# statement. Each kind of row is sent as one JSON array parameter and
-# unpacked by jsonb_to_recordset(), which costs the driver far less than a
-# statement with a parameter per value or an array per column. Audit ids
-# are assigned in the order of the rows given (INSERT ... SELECT ... ORDER
-# BY draws the serial values in that order, as SQLAlchemy's
-# insertmanyvalues also relies on), and the ids come back sorted, so they
-# line up with the rows given.
-_AUDIT_FIELDS = (
-    ("session_key", Text),
-    ("mapping", Text),
-    ("operation", Text),
-    ("v1_pk", Text),
-    ("v2_pk", Text),
-    ("status", Text),
-    ("changes", JSONB),
-    ("before", JSONB),
-    ("after", JSONB),
-    ("error", Text),
-    ("actor", Text),
-)
-_XREF_FIELDS = (("mapping", Text), ("v1_pk", Text), ("v2_pk", Text))
-
-
-def _recordset(name: str, fields: Sequence[tuple[str, Any]]) -> Any:
-    columns = [column(field, type_()) for field, type_ in fields]
-    columns.append(column("position", Integer()))
-    return (
-        func.jsonb_to_recordset(bindparam(name, type_=Text).cast(JSONB))
-        .table_valued(*columns)
-        .render_derived(name=f"{name}_source", with_types=True)
-    )
-
-
-def _pg_audit_statement(restore: bool) -> Select[Any]:
-    created_at = bindparam("created_at", type_=DateTime(timezone=True))
-    audit_source = _recordset("audit_rows", _AUDIT_FIELDS)
-    audit_names = [name for name, _ in _AUDIT_FIELDS]
-    audit_rows = (
-        insert(audit_table)
-        .from_select(
-            [*audit_names, "created_at"],
-            select(
-                *(audit_source.c[name] for name in audit_names), created_at
-            ).order_by(audit_source.c.position),
-        )
-        .returning(audit_table.c.id)
-        .cte("audit_rows")
-    )
-    xref_source = _recordset("xref_rows", _XREF_FIELDS)
-    xref_names = [name for name, _ in _XREF_FIELDS]
-    xref_rows = (
-        insert(xref_table)
-        .from_select(
-            [*xref_names, "created_at"],
-            select(*(xref_source.c[name] for name in xref_names), created_at),
-        )
-        .cte("xref_rows")
-    )
-    statement = select(audit_rows.c.id).add_cte(xref_rows)
-    if restore:
-        # Transaction-local settings put back by the same statement. The
-        # one-row settings side drives the join, so that they are set back
-        # even when no audit row is written.
-        settings = select(
-            func.set_config(
-                "statement_timeout",
-                bindparam("statement_timeout", type_=Text),
-                true(),
-            ).label("statement_timeout"),
-            func.set_config(
-                "lock_timeout", bindparam("lock_timeout", type_=Text), true()
-            ).label("lock_timeout"),
-        ).cte("restored_settings")
-        statement = statement.select_from(
-            settings.outerjoin(audit_rows, true())
-        )
-    return statement.order_by(audit_rows.c.id)
-
-
-_pg_insert_audit = _pg_audit_statement(restore=False)
-_pg_insert_audit_restoring = _pg_audit_statement(restore=True)
-
-
-def insert_audit_and_xref(
-    connection: Connection,
-    audit_rows: Sequence[dict[str, Any]],
-    xref_rows: Sequence[dict[str, Any]],
-    restore: dict[str, Any] | None = None,
-) -> list[int]:
-    """Insert audit and cross-reference rows on PostgreSQL; return audit ids.
-
-    Each statement writes up to :data:`CHUNK` rows of each kind. The JSON
-    columns of ``audit_rows`` hold JSON-compatible values, as for
-    :func:`insert_audit`. ``restore`` maps ``statement_timeout`` and
-    ``lock_timeout`` to the values that the last statement sets back for
-    the rest of the transaction.
-    """
-    created_at = utcnow()
-    audit_parts = list(chunks(audit_rows))
-    xref_parts = list(chunks(xref_rows))
-    count = max(len(audit_parts), len(xref_parts), 1)
-    ids: list[int] = []
-    for index in range(count):
-        params: dict[str, Any] = {
-            "created_at": created_at,
-            "audit_rows": _json_rows(audit_parts, index, _AUDIT_FIELDS),
-            "xref_rows": _json_rows(xref_parts, index, _XREF_FIELDS),
-        }
-        statement = _pg_insert_audit
-        if restore is not None and index == count - 1:
-            statement = _pg_insert_audit_restoring
-            params.update(restore)
-        result = connection.execute(statement, params)
-        ids.extend(
-            int(audit_id)
-            for audit_id in result.scalars()
-            if audit_id is not None
-        )
-    return ids
-
-
-def _json_rows(
-    parts: list[Sequence[dict[str, Any]]],
-    index: int,
-    fields: Sequence[tuple[str, Any]],
-) -> str:
-    rows = parts[index] if index < len(parts) else []
-    return json.dumps(
-        [
-            {
-                "position": position,
-                **{name: row[name] for name, _ in fields},
-            }
-            for position, row in enumerate(rows)
-        ]
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -367,3 +368,65 @@ def test_long_session_key_and_actor(
     assert audit.status == "applied"
     assert audit.session_key == "k" * 600
     assert audit.actor == "a" * 600
+
+
+def _install_with(
+    dbs: Databases, tmp_path: Any, **overrides: Any
+) -> dw.DualWrite:
+    handle = dw.install_dual_write(
+        dbs.source,
+        [models.alert_mapping(**overrides), models.event_mapping()],
+        target=dbs.target,
+        log_file=None,
+    )
+    handle.create_tables()
+    return handle
+
+
+def test_soft_delete(dbs: Databases, tmp_path: Any) -> None:
+    """on_delete assignments keep the target row and its xref."""
+    handle = _install_with(dbs, tmp_path, on_delete={"state": "cancelled"})
+    try:
+        with Session(dbs.source) as session:
+            alerta = models.new_alerta()
+            session.add(alerta)
+            session.commit()
+            alerta_id = alerta.id
+            session.delete(alerta)
+            session.commit()
+
+        row = alert_for(handle, alerta_id)
+        audits = audit_rows(dbs.target_engine)
+
+        assert row.state == "cancelled"
+        assert [a.operation for a in audits] == ["insert", "delete"]
+        assert audits[1].before["state"] == "active"
+        assert audits[1].after["state"] == "cancelled"
+
+        handle.revert(audits[1].id)
+
+        assert alert_for(handle, alerta_id).state == "active"
+    finally:
+        handle.uninstall()
+
+
+def test_ignored_delete(dbs: Databases, tmp_path: Any) -> None:
+    """on_delete='ignore' leaves the target row and audits the delete."""
+    handle = _install_with(dbs, tmp_path, on_delete="ignore")
+    try:
+        with Session(dbs.source) as session:
+            alerta = models.new_alerta()
+            session.add(alerta)
+            session.commit()
+            alerta_id = alerta.id
+            session.delete(alerta)
+            session.commit()
+
+        audits = audit_rows(dbs.target_engine)
+
+        assert alert_for(handle, alerta_id).state == "active"
+        assert [a.operation for a in audits] == ["insert", "delete"]
+        assert audits[1].status == "applied"
+        assert audits[1].after == audits[1].before
+    finally:
+        handle.uninstall()

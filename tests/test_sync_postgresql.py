@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sa_dualwrite as dw
-from sa_dualwrite._apply import lock_id
+from sa_dualwrite._locks import lock_id
 from tests import models
 from tests.helpers import alert_for, alerts, audit_rows, xrefs
 
@@ -184,7 +184,7 @@ def test_locked_row_fails_within_budget(
 
     assert elapsed < 2.0
     assert audit.status == "failed"
-    assert "lock timeout" in audit.error
+    assert "timed out" in audit.error
 
 
 class _Base(DeclarativeBase):
@@ -293,10 +293,6 @@ def test_batch_insert_keeps_values(pg_engine: Engine) -> None:
         ).all()
     audits = audit_rows(pg_engine)
 
-    assert any(
-        "jsonb_to_recordset" in statement and "reading_copies" in statement
-        for statement in statements
-    )
     assert len(copies) == 5
     assert [a.status for a in audits] == ["applied"] * 5
     for source, copy in zip(sources, copies, strict=True):
