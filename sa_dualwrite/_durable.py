@@ -33,8 +33,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from sa_dualwrite import _outbox
-from sa_dualwrite._apply import Applier, _end_read
+from sa_dualwrite import _outbox, _pipeline
+from sa_dualwrite._apply import Applier, _end_read, timed_out
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
 from sa_dualwrite._errors import one_line
@@ -92,6 +92,30 @@ class DurableApplier(Applier):
         """
         transaction_key = current_transaction_key(connection)
         deadline = time.monotonic() + self.timeout
+        if (
+            transaction_key is not None
+            and _pipeline.usable(connection)
+            and _pipeline.eligible(changes, self.mappings, connection.dialect)
+        ):
+            key = transaction_key
+            try:
+                return _pipeline.sync_in_transaction(
+                    connection,
+                    changes,
+                    mappings=self.mappings,
+                    session_key=session_key,
+                    deadline=deadline,
+                    lock=True,
+                    finish=lambda failed: _outbox.pipeline_marks(
+                        key, failed, self.policy
+                    ),
+                )
+            except Exception as exc:
+                if timed_out(exc):
+                    return self._left_pending(
+                        connection, transaction_key, changes, exc, nested=True
+                    )
+                self._log_fast_failure(exc, changes)
         try:
             with connection.begin_nested():
                 saved = self._set_timeouts(connection, deadline)
@@ -145,6 +169,28 @@ class DurableApplier(Applier):
         source = source_connection or self.source.connect()
         owns_read = not source.in_transaction()
         try:
+            if (
+                transaction_key is not None
+                and owns_read
+                and _pipeline.usable(target)
+                and _pipeline.usable(source)
+                and _pipeline.eligible(changes, self.mappings, target.dialect)
+            ):
+                try:
+                    return self._apply_pipelined(
+                        target,
+                        source,
+                        changes,
+                        session_key,
+                        transaction_key,
+                        deadline,
+                    )
+                except Exception as exc:
+                    if timed_out(exc):
+                        return self._left_pending(
+                            source, transaction_key, changes, exc, nested=False
+                        )
+                    self._log_fast_failure(exc, changes)
             try:
                 outcomes = self._apply_recorded(
                     target,
@@ -167,6 +213,58 @@ class DurableApplier(Applier):
             if own_source:
                 source.close()
             target.close()
+
+    def _apply_pipelined(
+        self,
+        target: Connection,
+        source: Connection,
+        changes: Sequence[Change],
+        session_key: str | None,
+        transaction_key: str,
+        deadline: float,
+    ) -> list[Outcome]:
+        """Sync in pipeline mode, then mark the outbox rows done.
+
+        The applied record goes into the target transaction. The outbox
+        rows are marked in a short source transaction that does not wait
+        for its WAL flush (synchronous_commit off): if a crash loses that
+        update, the rows stay pending and the drain finds the applied
+        record, so nothing is applied twice.
+        """
+        outcomes = _pipeline.sync_after_commit(
+            target,
+            source,
+            changes,
+            mappings=self.mappings,
+            session_key=session_key,
+            deadline=deadline,
+            finish=lambda failed: [
+                _outbox.pipeline_applied_record(
+                    transaction_key, changes, failed
+                )
+            ],
+        )
+        try:
+            _pipeline.run_statements(
+                source,
+                [
+                    ("SET LOCAL synchronous_commit TO OFF", None),
+                    *_outbox.pipeline_marks(
+                        transaction_key,
+                        [o for o in outcomes if o.status != "applied"],
+                        self.policy,
+                    ),
+                ],
+            )
+        except Exception as exc:
+            self.logger.error(
+                "outbox_update_failed",
+                error=one_line(exc),
+                exc_info=exc,
+                transaction_key=transaction_key,
+                changes=len(outcomes),
+            )
+        return outcomes
 
     def _apply_recorded(
         self,

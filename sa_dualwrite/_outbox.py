@@ -17,6 +17,7 @@ target transaction committed just before a crash.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -490,3 +491,87 @@ def delete_applied(target: Connection, records: Sequence[MarkKey]) -> None:
                 )
             )
         )
+
+
+# The outbox bookkeeping of a sync sent in psycopg's pipeline mode (see
+# sa_dualwrite._pipeline), as statements that run in its round trip. A
+# change that reached the database in such a sync was applied, because any
+# database error aborts the whole pipeline; the changes that failed before
+# (a value map, a ref) are passed as ``failed``.
+_MARK_DONE_SQL = (
+    f"UPDATE {outbox.name} SET status = '{DONE}', done_at = now(), "
+    "next_attempt_at = NULL WHERE transaction_key = %(transaction_key)s "
+    f"AND status = '{PENDING}' AND NOT (mapping || chr(1) || v1_pk = "
+    "ANY(%(failed)s))"
+)
+_MARK_FAILED_SQL = (
+    f"UPDATE {outbox.name} AS o SET attempts = o.attempts + 1, "
+    "status = CASE WHEN o.attempts + 1 >= %(max_attempts)s "
+    f"THEN '{FAILED}' ELSE '{PENDING}' END, "
+    "next_attempt_at = now() + make_interval(secs => %(delay)s), "
+    "last_error = f.error, audit_id = (SELECT max(a.id) FROM "
+    f"{_store.audit_table.name} AS a WHERE a.mapping = o.mapping AND "
+    "a.v1_pk = o.v1_pk AND a.status = 'failed') FROM "
+    "jsonb_to_recordset(CAST(%(rows)s AS jsonb)) AS f(mapping text, "
+    "v1_pk text, error text) WHERE o.transaction_key = %(transaction_key)s "
+    f"AND o.status = '{PENDING}' AND o.mapping = f.mapping "
+    "AND o.v1_pk = f.v1_pk"
+)
+_RECORD_APPLIED_SQL = (
+    f"INSERT INTO {_store.outbox_applied_table.name} (transaction_key, "
+    "mapping, v1_pk, applied_at) SELECT %(transaction_key)s, applied.mapping, "
+    "applied.v1_pk, now() FROM unnest(CAST(%(mappings)s AS text[]), "
+    "CAST(%(keys)s AS text[])) AS applied(mapping, v1_pk)"
+)
+
+
+def pipeline_marks(
+    transaction_key: str, failed: Sequence[Any], policy: RetryPolicy
+) -> list[tuple[str, dict[str, Any]]]:
+    """Return the statements that record a pipelined sync on the outbox."""
+    statements: list[tuple[str, dict[str, Any]]] = [
+        (
+            _MARK_DONE_SQL,
+            {
+                "transaction_key": transaction_key,
+                "failed": [f"{o.mapping}\x01{o.v1_pk}" for o in failed],
+            },
+        )
+    ]
+    if failed:
+        rows = [
+            {"mapping": o.mapping, "v1_pk": o.v1_pk, "error": o.error}
+            for o in failed
+        ]
+        statements.append(
+            (
+                _MARK_FAILED_SQL,
+                {
+                    "transaction_key": transaction_key,
+                    "max_attempts": policy.max_attempts,
+                    "delay": policy.delay(1),
+                    "rows": json.dumps(rows),
+                },
+            )
+        )
+    return statements
+
+
+def pipeline_applied_record(
+    transaction_key: str, changes: Sequence[Change], failed: Sequence[Any]
+) -> tuple[str, dict[str, Any]]:
+    """Return the INSERT of the applied record of a pipelined sync."""
+    skipped = {(o.mapping, o.v1_pk) for o in failed}
+    keys = [
+        (change.mapping, encode_key(change.v1_pk))
+        for change in changes
+        if (change.mapping, encode_key(change.v1_pk)) not in skipped
+    ]
+    return (
+        _RECORD_APPLIED_SQL,
+        {
+            "transaction_key": transaction_key,
+            "mappings": [mapping for mapping, _ in keys],
+            "keys": [key for _, key in keys],
+        },
+    )

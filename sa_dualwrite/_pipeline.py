@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,7 @@ from sa_dualwrite.mapping._compile import CompiledField, CompiledMapping
 __all__ = [
     "PipelineUnavailable",
     "eligible",
+    "run_statements",
     "sync_after_commit",
     "sync_in_transaction",
     "usable",
@@ -391,14 +392,17 @@ def sync_in_transaction(
     mappings: dict[str, CompiledMapping],
     session_key: str | None,
     deadline: float,
-    extra: Iterable[tuple[str, dict[str, Any]]] = (),
+    lock: bool = False,
+    finish: Finish | None = None,
 ) -> list[Outcome]:
     """Sync ``changes`` inside the source transaction of ``connection``.
 
     Opens the savepoint ``sa_dualwrite_sync`` and leaves it open: the source
-    COMMIT follows and ends it. ``extra`` statements (SQL text and
-    parameters) run in the write round trip, after the audit rows. Raises
-    the database error after rolling back to the savepoint; raises
+    COMMIT follows and ends it. With ``lock`` the advisory row locks of
+    :mod:`sa_dualwrite._locks` are taken first. ``finish`` returns more
+    statements for the write round trip, given the outcomes of the changes
+    that failed before reaching the database. Raises the database error
+    after rolling back to the savepoint; raises
     :class:`PipelineUnavailable`, having sent nothing, when a change needs
     the general sync.
     """
@@ -421,7 +425,12 @@ def sync_in_transaction(
     budget = {
         "budget": f"{max(int((deadline - time.monotonic()) * 1000), 1)}ms"
     }
-    opening = [(f"SAVEPOINT {SAVEPOINT}", None), (_SET_BUDGET, budget)]
+    opening: list[Any] = [
+        (f"SAVEPOINT {SAVEPOINT}", None),
+        (_SET_BUDGET, budget),
+    ]
+    if lock:
+        opening.append((_locks.LOCK_SQL, _locks.lock_plan(changes)))
     try:
         reads = _read_statements(batch)
         if reads:
@@ -433,7 +442,8 @@ def sync_in_transaction(
         if time.monotonic() > deadline:
             _fail_timed_out([p for p in batch.plans if p.outcome is None])
         writes = _write_statements(batch, session_key, dialect)
-        writes.extend(extra)
+        if finish is not None:
+            writes.extend(finish(_failed_before(batch)))
         writes.append((_RESTORE_BUDGET, None))
         _run(raw, opening + writes, batch)
     except Exception:
@@ -451,7 +461,7 @@ def sync_after_commit(
     mappings: dict[str, CompiledMapping],
     session_key: str | None,
     deadline: float,
-    extra: Iterable[tuple[str, dict[str, Any]]] = (),
+    finish: Finish | None = None,
 ) -> list[Outcome]:
     """Sync ``changes`` in one transaction of ``target``, and commit it.
 
@@ -504,7 +514,8 @@ def sync_after_commit(
         if time.monotonic() > deadline:
             _fail_timed_out([p for p in batch.plans if p.outcome is None])
         writes = _write_statements(batch, session_key, dialect)
-        writes.extend(extra)
+        if finish is not None:
+            writes.extend(finish(_failed_before(batch)))
         _run(raw, opening + writes, batch, end=raw.commit)
     except Exception:
         raw.rollback()
@@ -564,7 +575,33 @@ def _sources_reader(shape: _Shape, plans: list[_Plan]) -> Any:
     return read
 
 
-Statement = tuple[str, "dict[str, Any] | None"]
+Finish = Callable[[list[Outcome]], list[tuple[str, dict[str, Any]]]]
+"""Callable that adds statements to a write round trip; see the syncs."""
+
+
+def run_statements(
+    connection: Connection, statements: list[tuple[str, Any]]
+) -> None:
+    """Run ``statements`` and COMMIT in one round trip on an idle connection.
+
+    Rolls back and raises on any error.
+    """
+    raw = connection.connection.dbapi_connection
+    assert raw is not None
+    try:
+        _run(raw, list(statements), _Batch([], {}), end=raw.commit)
+    except Exception:
+        raw.rollback()
+        raise
+
+
+def _failed_before(batch: _Batch) -> list[Outcome]:
+    """Return the outcomes of changes that failed without a database error."""
+    return [
+        plan.outcome
+        for plan in batch.plans
+        if plan.outcome is not None and plan.outcome.status == "failed"
+    ]
 
 
 def _run(

@@ -52,6 +52,7 @@ class SessionState:
     connection: Connection | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     reported_key: str | None = None
+    captured: bool = False
 
 
 def _enclosing(transaction: SessionTransaction) -> SessionTransaction:
@@ -306,6 +307,7 @@ class CaptureListeners:
                 if state is None:
                     state = SessionState(weakref.ref(session))
                     self._sessions[session] = state
+        state.captured = True
         transaction = (
             session.get_nested_transaction() or session.get_transaction()
         )
@@ -342,13 +344,13 @@ class CaptureListeners:
             if buffer:
                 self._park(state.connection, buffer, key)
             return
-        if buffer:
+        if buffer or self._outbox_rows_left(state):
             # NOTE: a session joined to an outer transaction gets here
             # before the database COMMIT, because SQLAlchemy has no event
             # after a connection's COMMIT; the sync reads inside that
             # transaction and leaves it open.
             outcomes = self.applier.apply_after_commit(
-                state.connection, buffer.changes(), key
+                state.connection, buffer.changes() if buffer else [], key
             )
             self.applier.report(outcomes, key)
 
@@ -365,6 +367,7 @@ class CaptureListeners:
             state.connection = None
             state.outcomes = []
             state.reported_key = None
+            state.captured = False
 
     def _forget_connection(self, state: SessionState) -> None:
         assert state.connection is not None
@@ -373,6 +376,15 @@ class CaptureListeners:
             states.remove(state)
             if not states:
                 del self._by_connection[state.connection]
+
+    def _outbox_rows_left(self, state: SessionState) -> bool:
+        """Return whether outbox rows await marking with no change left.
+
+        Changes that cancel out (an insert, then a delete of that row) still
+        wrote their outbox rows at flush; the sync of the empty commit marks
+        them done.
+        """
+        return self.outbox is not None and state.captured
 
     def _park(
         self, connection: Connection | None, buffer: ChangeBuffer, key: str
@@ -417,14 +429,15 @@ class CaptureListeners:
             return
         root = session.get_transaction()
         pending = state.buffers.get(root) if root is not None else None
-        if not pending:
+        if not pending and not self._outbox_rows_left(state):
             return
         key = session_key(session)
         state.reported_key = key
         state.outcomes = self.applier.apply_in_transaction(
-            connection, pending.changes(), key
+            connection, pending.changes() if pending else [], key
         )
-        pending.clear()
+        if pending:
+            pending.clear()
 
     def sessions(self) -> Iterator[SessionState]:
         """Yield the state of every live session with captured changes."""

@@ -244,3 +244,20 @@ def test_prune_deletes_done_rows(
     assert deleted == 1
     assert [row.status for row in outbox_rows(dbs.source)] == ["pending"]
     assert count(dbs.target_engine, outbox_applied_table) == 0
+
+
+def test_cancelled_changes_leave_nothing_pending(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """An insert then a delete in one transaction leaves no pending row."""
+    with Session(dbs.source) as session:
+        alerta = models.new_alerta()
+        session.add(alerta)
+        session.flush()
+        session.delete(alerta)
+        session.commit()
+
+    statuses = {row.status for row in outbox_rows(dbs.source)}
+
+    assert statuses == {"done"}
+    assert audit_rows(dbs.target_engine) == []

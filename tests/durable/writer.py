@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
+from sa_dualwrite import _pipeline
 from tests import models
 
 APPLICATION_NAME = "sadw-durable-writer"
@@ -33,9 +34,13 @@ def hang_before_mark(
 ) -> None:
     """Stop for ever before the UPDATE that marks outbox rows done."""
     if statement.startswith("UPDATE dualwrite_outbox SET status"):
-        print("marking", flush=True)
-        while True:
-            time.sleep(60)
+        _hang()
+
+
+def _hang(*args: Any, **kwargs: Any) -> None:
+    print("marking", flush=True)
+    while True:
+        time.sleep(60)
 
 
 def main(v1_url: str, v2_url: str, count: int, mode: str) -> None:
@@ -44,7 +49,10 @@ def main(v1_url: str, v2_url: str, count: int, mode: str) -> None:
     source = create_engine(v1_url, **options)
     target = create_engine(v2_url, **options)
     if mode == "before-mark":
+        # The general sync marks through SQLAlchemy, the PostgreSQL
+        # pipeline through run_statements(); stop before either.
         event.listen(source, "before_cursor_execute", hang_before_mark)
+        _pipeline.run_statements = _hang
     dw.install_dual_write(
         source,
         models.mappings(),
