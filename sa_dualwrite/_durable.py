@@ -28,16 +28,18 @@ backoff.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from sa_dualwrite import _outbox, _pipeline
 from sa_dualwrite._apply import Applier, _end_read, timed_out
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
-from sa_dualwrite._errors import one_line
+from sa_dualwrite._errors import DualWriteError, one_line
 from sa_dualwrite._outbox import RetryPolicy
 from sa_dualwrite._sync import Outcome, sync_changes
 from sa_dualwrite.listeners._outbox import (
@@ -90,14 +92,24 @@ class DurableApplier(Applier):
         The advisory row locks make a concurrent drain of the same rows
         wait for this transaction, so that it reads the committed rows.
         """
-        transaction_key = current_transaction_key(connection)
+        flushed_key = current_transaction_key(connection)
+        # With the target in the source database no outbox row is written at
+        # flush: the sync runs in the source transaction and writes them.
+        transaction_key = flushed_key or uuid.uuid4().hex
+
+        def finish(failed: list[Outcome]) -> list[tuple[str, Any]]:
+            if flushed_key is not None:
+                return _outbox.pipeline_marks(flushed_key, failed, self.policy)
+            return [
+                _outbox.pipeline_synced_rows(
+                    transaction_key, session_key, changes, failed, self.policy
+                )
+            ]
+
         deadline = time.monotonic() + self.timeout
-        if (
-            transaction_key is not None
-            and _pipeline.usable(connection)
-            and _pipeline.eligible(changes, self.mappings, connection.dialect)
+        if _pipeline.usable(connection) and _pipeline.eligible(
+            changes, self.mappings, connection.dialect
         ):
-            key = transaction_key
             try:
                 return _pipeline.sync_in_transaction(
                     connection,
@@ -106,18 +118,32 @@ class DurableApplier(Applier):
                     session_key=session_key,
                     deadline=deadline,
                     lock=True,
-                    finish=lambda failed: _outbox.pipeline_marks(
-                        key, failed, self.policy
-                    ),
+                    finish=finish,
                 )
             except Exception as exc:
                 if timed_out(exc):
+                    self._keep_in_outbox(
+                        connection,
+                        flushed_key,
+                        transaction_key,
+                        changes,
+                        session_key,
+                    )
                     return self._left_pending(
                         connection, transaction_key, changes, exc, nested=True
                     )
                 self._log_fast_failure(exc, changes)
         try:
             with connection.begin_nested():
+                if flushed_key is None:
+                    _outbox.insert_rows(
+                        connection,
+                        _outbox.new_rows(
+                            changes,
+                            transaction_key=transaction_key,
+                            session_key=session_key or "",
+                        ),
+                    )
                 saved = self._set_timeouts(connection, deadline)
                 self.lock_rows(connection, changes)
                 outcomes = sync_changes(
@@ -139,9 +165,44 @@ class DurableApplier(Applier):
                 self._restore_timeouts(connection, saved)
             return outcomes
         except Exception as exc:
+            self._keep_in_outbox(
+                connection, flushed_key, transaction_key, changes, session_key
+            )
             return self._left_pending(
                 connection, transaction_key, changes, exc, nested=True
             )
+
+    def _keep_in_outbox(
+        self,
+        connection: Connection,
+        flushed_key: str | None,
+        transaction_key: str,
+        changes: Sequence[Change],
+        session_key: str | None,
+    ) -> None:
+        """Write pending outbox rows for a sync that failed as a whole.
+
+        Only needed when the flush wrote none. If they cannot be written
+        either, the source commit is stopped: the change would be lost.
+        """
+        if flushed_key is not None or not changes:
+            return
+        rows = _outbox.new_rows(
+            changes,
+            transaction_key=transaction_key,
+            session_key=session_key or "",
+        )
+        try:
+            with connection.begin_nested():
+                _outbox.insert_rows(connection, rows)
+        except SQLAlchemyError as exc:
+            raise DualWriteError(
+                f"writing {len(rows)} changes to the outbox table "
+                f"{_outbox.outbox.name} failed, and their sync failed too, so "
+                f"the source write was not committed: {one_line(exc)}. If the "
+                "table is missing, create it with DualWrite.create_tables() "
+                "or from sa_dualwrite.outbox_metadata in a migration"
+            ) from exc
 
     def apply_after_commit(
         self,

@@ -107,7 +107,11 @@ class DualWrite:
             mappings=mappings,
             applier=self._applier,
             in_transaction=self.in_transaction,
-            outbox=OutboxWriter() if durable else None,
+            # With the target in the source database the sync itself
+            # writes the outbox rows, in the source transaction.
+            outbox=OutboxWriter()
+            if durable and not self.in_transaction
+            else None,
             unsynced_writes=unsynced_writes,
         )
         self.installed = False

@@ -575,3 +575,63 @@ def pipeline_applied_record(
             "keys": [key for _, key in keys],
         },
     )
+
+
+_INSERT_SYNCED_SQL = (
+    f"INSERT INTO {outbox.name} (created_at, transaction_key, session_key, "
+    "actor, mapping, operation, v1_pk, changes, status, attempts, "
+    "next_attempt_at, last_error, done_at, audit_id) SELECT now(), "
+    "%(transaction_key)s, %(session_key)s, r.actor, r.mapping, r.operation, "
+    "r.v1_pk, r.changes, CASE WHEN NOT r.failed THEN "
+    f"'{DONE}' WHEN %(max_attempts)s <= 1 THEN '{FAILED}' ELSE "
+    f"'{PENDING}' END, CASE WHEN r.failed THEN 1 ELSE 0 END, CASE WHEN "
+    "r.failed THEN now() + make_interval(secs => %(delay)s) END, r.error, "
+    "CASE WHEN NOT r.failed THEN now() END, CASE WHEN r.failed THEN "
+    f"(SELECT max(a.id) FROM {_store.audit_table.name} AS a WHERE "
+    "a.mapping = r.mapping AND a.v1_pk = r.v1_pk AND a.status = 'failed') "
+    "END FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb)) WITH ORDINALITY "
+    "AS r(actor text, mapping text, operation text, v1_pk text, changes "
+    "jsonb, failed boolean, error text, position bigint) ORDER BY r.position"
+)
+
+
+def pipeline_synced_rows(
+    transaction_key: str,
+    session_key: str | None,
+    changes: Sequence[Change],
+    failed: Sequence[Any],
+    policy: RetryPolicy,
+) -> tuple[str, dict[str, Any]]:
+    """Return the INSERT of the outbox rows of a sync in the V1 database.
+
+    When the target is the source database the sync runs in the source
+    transaction, so the outbox rows are written by the sync itself, in the
+    same transaction as the source write: ``done`` for the changes it
+    applied, due for a retry for those that failed.
+    """
+    errors = {(o.mapping, o.v1_pk): o.error for o in failed}
+    rows = []
+    for change in changes:
+        v1_key = encode_key(change.v1_pk)
+        failed_change = (change.mapping, v1_key) in errors
+        rows.append(
+            {
+                "actor": change.actor,
+                "mapping": change.mapping,
+                "operation": change.operation,
+                "v1_pk": v1_key,
+                "changes": sorted(change.changed),
+                "failed": failed_change,
+                "error": errors.get((change.mapping, v1_key)),
+            }
+        )
+    return (
+        _INSERT_SYNCED_SQL,
+        {
+            "transaction_key": transaction_key,
+            "session_key": session_key,
+            "max_attempts": policy.max_attempts,
+            "delay": policy.delay(1),
+            "rows": json.dumps(rows),
+        },
+    )

@@ -31,6 +31,7 @@ from sqlalchemy.orm.base import instance_state
 from sa_dualwrite._apply import Applier
 from sa_dualwrite._buffer import DELETE, INSERT, UPDATE, Change, ChangeBuffer
 from sa_dualwrite._context import current_actor, session_key
+from sa_dualwrite._errors import DualWriteError, one_line
 from sa_dualwrite._sync import Outcome
 from sa_dualwrite.listeners._bulk import StatementCapture
 from sa_dualwrite.listeners._outbox import OutboxWriter
@@ -337,6 +338,22 @@ class CaptureListeners:
             return
         root = session.get_transaction()
         buffer = state.buffers.pop(root, None) if root is not None else None
+        try:
+            self._finish_root(session, state, buffer)
+        except Exception as exc:
+            # The source transaction has committed: nothing may reach the
+            # caller of commit() from here.
+            self.applier.logger.error(
+                "sync_crashed", error=one_line(exc), exc_info=exc
+            )
+
+    def _finish_root(
+        self,
+        session: Session,
+        state: SessionState,
+        buffer: ChangeBuffer | None,
+    ) -> None:
+        """Report the sync of a committed root transaction, or run it."""
         key = state.reported_key or session_key(session)
         if self.in_transaction:
             outcomes, state.outcomes = state.outcomes, []
@@ -412,14 +429,33 @@ class CaptureListeners:
         self._parked.pop(connection, None)
 
     def _commit(self, connection: Connection) -> None:
-        """Sync the changes of ``connection`` just before its COMMIT."""
-        for buffer, key in self._parked.pop(connection, []):
-            outcomes = self.applier.apply_in_transaction(
-                connection, buffer.changes(), key
+        """Sync the changes of ``connection`` just before its COMMIT.
+
+        Only a DualWriteError (durable mode could not keep a change) stops
+        the COMMIT. SQLAlchemy does not roll back a transaction whose commit
+        event raised, and its pool would hand the open transaction to the
+        next user, so the transaction is rolled back here first. Any other
+        error is logged and the COMMIT goes on.
+        """
+        try:
+            for buffer, key in self._parked.pop(connection, []):
+                outcomes = self.applier.apply_in_transaction(
+                    connection, buffer.changes(), key
+                )
+                self.applier.report(outcomes, key)
+            for state in self._by_connection.pop(connection, []):
+                self._sync_session(connection, state)
+        except DualWriteError:
+            dbapi_connection = connection.connection.dbapi_connection
+            if dbapi_connection is not None:
+                dbapi_connection.rollback()
+            raise
+        except Exception as exc:
+            self.applier.logger.error(
+                "sync_crashed",
+                error=one_line(exc),
+                exc_info=exc,
             )
-            self.applier.report(outcomes, key)
-        for state in self._by_connection.pop(connection, []):
-            self._sync_session(connection, state)
 
     def _sync_session(
         self, connection: Connection, state: SessionState
