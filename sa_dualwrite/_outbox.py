@@ -589,9 +589,9 @@ _INSERT_SYNCED_SQL = (
     "CASE WHEN NOT r.failed THEN now() END, CASE WHEN r.failed THEN "
     f"(SELECT max(a.id) FROM {_store.audit_table.name} AS a WHERE "
     "a.mapping = r.mapping AND a.v1_pk = r.v1_pk AND a.status = 'failed') "
-    "END FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb)) WITH ORDINALITY "
-    "AS r(actor text, mapping text, operation text, v1_pk text, changes "
-    "jsonb, failed boolean, error text, position bigint) ORDER BY r.position"
+    "END FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb)) AS r(position "
+    "integer, actor text, mapping text, operation text, v1_pk text, "
+    "changes jsonb, failed boolean, error text) ORDER BY r.position"
 )
 
 
@@ -611,11 +611,12 @@ def pipeline_synced_rows(
     """
     errors = {(o.mapping, o.v1_pk): o.error for o in failed}
     rows = []
-    for change in changes:
+    for position, change in enumerate(changes):
         v1_key = encode_key(change.v1_pk)
         failed_change = (change.mapping, v1_key) in errors
         rows.append(
             {
+                "position": position,
                 "actor": change.actor,
                 "mapping": change.mapping,
                 "operation": change.operation,

@@ -1244,11 +1244,12 @@ def _delete_sql(shape: _Shape, dialect: Dialect) -> str:
 def _audit_only(plans: list[_Plan], session_key: str | None) -> Any:
     """Insert the audit rows of plans decided without a target write."""
     rows = []
-    for plan in plans:
+    for position, plan in enumerate(plans):
         outcome = plan.outcome
         assert outcome is not None
         rows.append(
             {
+                "position": position,
                 "session_key": session_key,
                 "mapping": outcome.mapping,
                 "operation": outcome.operation,
@@ -1268,10 +1269,10 @@ def _audit_only(plans: list[_Plan], session_key: str | None) -> Any:
         "actor, created_at) SELECT r.session_key, r.mapping, r.operation, "
         "r.v1_pk, r.v2_pk, r.status, r.changes, r.before, r.after, r.error, "
         "r.actor, now() FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb)) "
-        "WITH ORDINALITY AS r(session_key text, mapping text, operation "
+        "AS r(position integer, session_key text, mapping text, operation "
         "text, v1_pk text, v2_pk text, status text, changes jsonb, before "
-        "jsonb, after jsonb, error text, actor text, ord bigint) ORDER BY "
-        "r.ord RETURNING id"
+        "jsonb, after jsonb, error text, actor text) ORDER BY r.position "
+        "RETURNING id"
     )
 
     def read(cursor: Any, batch: _Batch) -> None:

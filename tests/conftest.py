@@ -11,6 +11,7 @@ the server is down, the PostgreSQL tests fail: they are never skipped.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,6 +89,62 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             red=True,
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Errors that a pipelined statement can only raise through a bug of its
+# own, unlike the constraint violations that tests provoke on purpose.
+_BUG_ERRORS = (
+    "SyntaxError",
+    "UndefinedColumn",
+    "UndefinedFunction",
+    "AmbiguousColumn",
+    "DatatypeMismatch",
+    "InvalidTextRepresentation",
+    "InvalidParameterValue",
+    "GroupingError",
+    "ProgrammingError",
+    "AssertionError",
+    "AttributeError",
+    "KeyError",
+    "TypeError",
+    "ValueError",
+    "IndexError",
+    "_RowCountError",
+)
+
+
+class _FallbackRecorder(logging.Handler):
+    """Collects the errors that made a pipelined sync fall back."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "sync_retried_change_by_change":
+            self.errors.append(str(getattr(record, "error", "")))
+
+
+@pytest.fixture(autouse=True)
+def _no_buggy_fallback() -> Iterator[None]:
+    """Fail a test whose PostgreSQL pipelined sync fell back on a bug.
+
+    The change-by-change sync that takes over gives the same result, so
+    without this check a broken pipelined statement would go unnoticed.
+    """
+    logger = logging.getLogger("sa_dualwrite")
+    recorder = _FallbackRecorder()
+    level = logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(level)
+    for error in recorder.errors:
+        if error.startswith(_BUG_ERRORS):
+            pytest.fail(f"the pipelined sync fell back on a bug: {error}")
 
 
 @dataclass

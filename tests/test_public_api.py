@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import sa_dualwrite
 
@@ -62,15 +64,25 @@ def test_signals_named() -> None:
 
 
 def test_import_configures_no_logging() -> None:
-    """Importing the library adds no handler outside its own logger."""
-    root = logging.getLogger()
-    library = logging.getLogger("sa_dualwrite")
+    """Importing the library configures neither logging nor structlog."""
+    script = (
+        "import logging, sa_dualwrite\n"
+        "root = logging.getLogger()\n"
+        "library = logging.getLogger('sa_dualwrite')\n"
+        "print(len(root.handlers), root.level, logging.root.manager.disable)\n"
+        "print(sorted(type(h).__name__ for h in library.handlers))\n"
+        "import structlog\n"
+        "print(structlog.is_configured())\n"
+    )
 
-    assert not any(
-        type(handler).__module__.startswith("sa_dualwrite")
-        for handler in root.handlers
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert all(
-        isinstance(handler, logging.NullHandler)
-        for handler in library.handlers
-    )
+
+    root_line, library_line, structlog_line = completed.stdout.splitlines()
+    assert root_line == f"0 {logging.WARNING} 0"
+    assert library_line == "['NullHandler']"
+    assert structlog_line == "False"
