@@ -32,7 +32,9 @@ from sa_dualwrite._sync import (
     Outcome,
     SyncTimeout,
     sync_changes,
+    timed_out,
 )
+from sa_dualwrite._watchdog import Watchdog, connect_limit, sqlite_busy_timeout
 from sa_dualwrite.mapping._compile import CompiledMapping
 
 __all__ = ["Applier"]
@@ -75,6 +77,8 @@ class Applier:
         self.logger = logger
         self.unrecorded: deque[tuple[Change, str | None]] = deque()
         self.sink: JsonLinesFile | None = None
+        self.watchdog = Watchdog()
+        self.connect_limit = connect_limit(timeout)
         self._lock = threading.Lock()
         self._connector: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -151,9 +155,13 @@ class Applier:
         source = source_connection or self.source.connect()
         owns_read = not source.in_transaction()
         try:
-            return self._apply_on(
-                target, source, changes, session_key, deadline, owns_read
-            )
+            with (
+                self.watchdog.guard(target, deadline),
+                sqlite_busy_timeout(target, deadline),
+            ):
+                return self._apply_on(
+                    target, source, changes, session_key, deadline, owns_read
+                )
         finally:
             _end_read(source, rollback=owns_read, close=own_source)
             target.close()
@@ -183,6 +191,9 @@ class Applier:
                     deadline=deadline,
                 )
             except Exception as exc:
+                if lost(target):
+                    target.invalidate()
+                    return self._unrecorded_failures(changes, session_key, exc)
                 if timed_out(exc):
                     return self._record_failures(
                         target, changes, session_key, exc, nested=False
@@ -306,7 +317,13 @@ class Applier:
         *,
         nested: bool,
     ) -> list[Outcome]:
-        """Audit every change as failed after the whole sync failed."""
+        """Audit every change as failed after the whole sync failed.
+
+        A target connection that was lost is not connected again: the
+        target did not respond, and a reconnection would wait once more.
+        """
+        if not nested and (connection.invalidated or lost(connection)):
+            return self._unrecorded_failures(changes, session_key, exc)
         outcomes = [_failed(change, exc, self.timeout) for change in changes]
         rows = [_audit_row(outcome, session_key) for outcome in outcomes]
         try:
@@ -423,22 +440,20 @@ class Applier:
                 )
 
     def close(self) -> None:
-        """Stop the connector thread pool without waiting for it."""
+        """Stop the connector threads and the watchdog, without waiting."""
         with self._lock:
             connector, self._connector = self._connector, None
         if connector is not None:
             connector.shutdown(wait=False, cancel_futures=True)
+        self.watchdog.stop()
 
 
-def timed_out(exc: BaseException) -> bool:
-    """Return whether a database error is PostgreSQL ending a wait.
-
-    That is statement_timeout (SQLSTATE 57014) or lock_timeout (55P03),
-    which the sync sets from the time budget.
-    """
-    error = getattr(exc, "orig", None) or exc
-    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-    return code in ("57014", "55P03")
+def lost(connection: Connection) -> bool:
+    """Return whether the DBAPI connection of ``connection`` is unusable."""
+    if connection.invalidated or connection.closed:
+        return True
+    raw = connection.connection.dbapi_connection
+    return bool(getattr(raw, "broken", False) or getattr(raw, "closed", False))
 
 
 def _failed(change: Change, exc: BaseException, timeout: float) -> Outcome:

@@ -36,12 +36,13 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sa_dualwrite import _outbox, _pipeline
-from sa_dualwrite._apply import Applier, _end_read, timed_out
+from sa_dualwrite._apply import Applier, _end_read
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
 from sa_dualwrite._errors import DualWriteError, one_line
 from sa_dualwrite._outbox import RetryPolicy
-from sa_dualwrite._sync import Outcome, sync_changes
+from sa_dualwrite._sync import Outcome, sync_changes, timed_out
+from sa_dualwrite._watchdog import sqlite_busy_timeout
 from sa_dualwrite.listeners._outbox import (
     current_transaction_key,
     last_transaction_key,
@@ -230,30 +231,44 @@ class DurableApplier(Applier):
         source = source_connection or self.source.connect()
         owns_read = not source.in_transaction()
         try:
-            if (
-                transaction_key is not None
-                and owns_read
-                and _pipeline.usable(target)
-                and _pipeline.usable(source)
-                and _pipeline.eligible(changes, self.mappings, target.dialect)
+            with (
+                self.watchdog.guard(target, deadline),
+                sqlite_busy_timeout(target, deadline),
             ):
-                try:
-                    return self._apply_pipelined(
-                        target,
-                        source,
-                        changes,
-                        session_key,
-                        transaction_key,
-                        deadline,
-                    )
-                except Exception as exc:
-                    if timed_out(exc):
-                        return self._left_pending(
-                            source, transaction_key, changes, exc, nested=False
-                        )
-                    self._log_fast_failure(exc, changes)
+                return self._apply_to(
+                    target,
+                    source,
+                    changes,
+                    session_key,
+                    transaction_key,
+                    deadline,
+                    owns_read,
+                )
+        finally:
+            if own_source:
+                source.close()
+            target.close()
+
+    def _apply_to(
+        self,
+        target: Connection,
+        source: Connection,
+        changes: Sequence[Change],
+        session_key: str | None,
+        transaction_key: str | None,
+        deadline: float,
+        owns_read: bool,
+    ) -> list[Outcome]:
+        """Apply on a checked-out target; see :meth:`apply_after_commit`."""
+        if (
+            transaction_key is not None
+            and owns_read
+            and _pipeline.usable(target)
+            and _pipeline.usable(source)
+            and _pipeline.eligible(changes, self.mappings, target.dialect)
+        ):
             try:
-                outcomes = self._apply_recorded(
+                return self._apply_pipelined(
                     target,
                     source,
                     changes,
@@ -262,18 +277,29 @@ class DurableApplier(Applier):
                     deadline,
                 )
             except Exception as exc:
-                _end_read(source, rollback=owns_read, close=False)
-                return self._left_pending(
-                    source, transaction_key, changes, exc, nested=False
-                )
+                if timed_out(exc):
+                    return self._left_pending(
+                        source, transaction_key, changes, exc, nested=False
+                    )
+                self._log_fast_failure(exc, changes)
+        try:
+            outcomes = self._apply_recorded(
+                target,
+                source,
+                changes,
+                session_key,
+                transaction_key,
+                deadline,
+            )
+        except Exception as exc:
             _end_read(source, rollback=owns_read, close=False)
-            if transaction_key is not None:
-                self._mark(source, transaction_key, outcomes)
-            return outcomes
-        finally:
-            if own_source:
-                source.close()
-            target.close()
+            return self._left_pending(
+                source, transaction_key, changes, exc, nested=False
+            )
+        _end_read(source, rollback=owns_read, close=False)
+        if transaction_key is not None:
+            self._mark(source, transaction_key, outcomes)
+        return outcomes
 
     def _apply_pipelined(
         self,

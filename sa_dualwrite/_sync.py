@@ -139,7 +139,7 @@ def sync_changes(
         if deadline is not None and time.monotonic() > deadline:
             _fail_timed_out(run.plans)
             continue
-        _execute_run(target, run, cache, mappings)
+        _execute_run(target, run, cache, mappings, deadline)
 
     outcomes = [plan.outcome for plan in plans]
     assert all(outcome is not None for outcome in outcomes)
@@ -250,7 +250,13 @@ def _execute_run(
     run: _Run,
     cache: dict[str, dict[str, str]],
     mappings: dict[str, CompiledMapping],
+    deadline: float | None,
 ) -> None:
+    """Write one run under a savepoint; if it fails, each change alone.
+
+    A run that failed because a wait ran out of the time budget is not
+    retried change by change: each retry could wait as long again.
+    """
     ready = [plan for plan in run.plans if _prepare(plan, cache, mappings)]
     if not ready:
         return
@@ -260,13 +266,17 @@ def _execute_run(
             _write(target, run.mapping, run.operation, ready, cache)
         return
     except SQLAlchemyError as exc:
-        if len(ready) == 1:
-            ready[0].v2_key = known_keys[0]
-            _fail(ready[0], exc, f"{run.operation} failed")
+        if len(ready) == 1 or timed_out(exc):
+            for plan, v2_key in zip(ready, known_keys, strict=True):
+                plan.v2_key = v2_key
+                _fail(plan, exc, f"{run.operation} failed")
             return
     for plan, v2_key in zip(ready, known_keys, strict=True):
         plan.outcome = None
         plan.v2_key = v2_key
+        if deadline is not None and time.monotonic() > deadline:
+            _fail_timed_out([plan])
+            continue
         try:
             with target.begin_nested():
                 _write(target, run.mapping, run.operation, [plan], cache)
@@ -612,6 +622,14 @@ def _fail(plan: _Plan, exc: BaseException, context: str | None) -> None:
         error=message,
         exception=exc,
     )
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Return whether PostgreSQL ended a wait: statement_timeout (57014)
+    or lock_timeout (55P03)."""
+    error = getattr(exc, "orig", None) or exc
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    return code in ("57014", "55P03")
 
 
 def _db_error(exc: BaseException) -> str:

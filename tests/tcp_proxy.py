@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class TcpProxy:
@@ -12,6 +13,8 @@ class TcpProxy:
 
     ``stop()`` closes the listening socket and every open connection, so the
     server behind it looks down; ``start()`` listens again on the same port.
+    ``freeze()`` keeps the connections open but relays nothing more, like a
+    host that froze or a network partition.
     With ``blackhole=True`` connections are accepted but get no response, like
     a server that hangs.
     """
@@ -21,6 +24,7 @@ class TcpProxy:
     ) -> None:
         self.upstream = upstream
         self.blackhole = blackhole
+        self.frozen = threading.Event()
         self.port = 0
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
@@ -75,10 +79,15 @@ class TcpProxy:
                     target=self._pipe, args=(source, sink), daemon=True
                 ).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def freeze(self) -> None:
+        """Stop relaying bytes while keeping every connection open."""
+        self.frozen.set()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.05)
                 sink.sendall(data)
         except OSError:
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -222,3 +223,95 @@ def test_concurrent_writers_converge(
         assert len(alerts(target)) == 1
     finally:
         handle.uninstall()
+
+
+def test_target_freezing_mid_sync_is_bounded(
+    pg_engine: Engine, pg_engine_v2: Engine
+) -> None:
+    """A V2 that stops answering on an open connection is cut off in time."""
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(pg_engine_v2)
+    dw.metadata.create_all(pg_engine_v2)
+    proxy = TcpProxy((PG_HOST, PG_PORT))
+    proxy.start()
+    frozen = create_engine(
+        pg_engine_v2.url.set(host="127.0.0.1", port=proxy.port)
+    )
+    handle = dw.install_dual_write(
+        pg_engine,
+        models.mappings(),
+        target=frozen,
+        log_file=None,
+        v2_timeout=0.5,
+    )
+    received, on_failed = _failures()
+    try:
+        with Session(pg_engine) as session:
+            session.add(models.new_alerta(titulo="before"))
+            session.commit()
+            proxy.freeze()
+            with dw.signals.change_failed.connected_to(on_failed):
+                session.add(models.new_alerta(titulo="while frozen"))
+                started = time.monotonic()
+                session.commit()
+                elapsed = time.monotonic() - started
+            count = session.query(models.Alerta).count()
+
+        assert elapsed < 3.0
+        assert count == 2
+        assert len(received) == 1
+    finally:
+        handle.uninstall()
+        frozen.dispose()
+        proxy.stop()
+
+
+def test_connect_limit_keeps_given_timeout() -> None:
+    """The connect timeout is added for known drivers, never overridden."""
+    from sa_dualwrite._watchdog import connect_limit
+
+    class _Dialect:
+        driver = "psycopg"
+
+    receiver = connect_limit(0.5)
+    given: dict[str, Any] = {"connect_timeout": 30}
+    missing: dict[str, Any] = {}
+    receiver(_Dialect(), None, (), given)
+    receiver(_Dialect(), None, (), missing)
+
+    assert given == {"connect_timeout": 30}
+    assert missing == {"connect_timeout": 2}
+
+
+def test_locked_sqlite_target_is_bounded(tmp_path: Path) -> None:
+    """A separate SQLite V2 file locked by a writer costs only v2_timeout."""
+    from tests.conftest import sqlite_engine
+
+    source = sqlite_engine(tmp_path / "v1.db")
+    target = sqlite_engine(tmp_path / "v2.db")
+    models.V1.metadata.create_all(source)
+    models.V2.metadata.create_all(target)
+    handle = dw.install_dual_write(
+        source, models.mappings(), target=target, log_file=None, v2_timeout=0.5
+    )
+    handle.create_tables()
+    locker = sqlite3.connect(tmp_path / "v2.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        with Session(source) as session:
+            session.add(models.new_alerta())
+            started = time.monotonic()
+            session.commit()
+            elapsed = time.monotonic() - started
+        locker.rollback()
+        with target.connect() as connection:
+            busy = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+
+        assert elapsed < 2.0
+        assert busy == 5000
+        assert len(handle.applier.unrecorded) == 1
+    finally:
+        locker.close()
+        handle.uninstall()
+        source.dispose()
+        target.dispose()

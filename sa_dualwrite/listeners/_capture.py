@@ -136,6 +136,9 @@ class CaptureListeners:
         if self.in_transaction:
             table.append((self.engine, "commit", self._commit))
             table.append((self.engine, "rollback", self._rollback))
+        else:
+            target = self.applier.target
+            table.append((target, "do_connect", self.applier.connect_limit))
         if self.outbox is not None:
             table.extend(self.outbox.receivers())
         return table
