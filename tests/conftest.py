@@ -4,9 +4,11 @@ PostgreSQL is reached through pytest-postgresql's no-process fixture, which
 connects to a running server (it never starts one). The server is given by
 SA_DUALWRITE_PG_HOST, SA_DUALWRITE_PG_PORT, SA_DUALWRITE_PG_USER and
 SA_DUALWRITE_PG_PASSWORD, defaulting to postgres@127.0.0.1:5432.
-SA_DUALWRITE_PG_DBNAME (default ``sa_dualwrite_tests``) names the test
-databases, so that two test runs on one server can use different names. If
-the server is down, the PostgreSQL tests fail: they are never skipped.
+SA_DUALWRITE_PG_DBNAME names the test databases; it defaults to
+``sa_dualwrite_tests_<pid>``, so that two test runs on one server, or a run
+after one that was killed before it could drop its databases, never meet
+on the same name. If the server is down, the PostgreSQL tests fail: they
+are never skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ PG_HOST = os.environ.get("SA_DUALWRITE_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("SA_DUALWRITE_PG_PORT", "5432"))
 PG_USER = os.environ.get("SA_DUALWRITE_PG_USER", "postgres")
 PG_PASSWORD = os.environ.get("SA_DUALWRITE_PG_PASSWORD", "")
-PG_DBNAME = os.environ.get("SA_DUALWRITE_PG_DBNAME", "sa_dualwrite_tests")
+PG_DBNAME = os.environ.get(
+    "SA_DUALWRITE_PG_DBNAME", f"sa_dualwrite_tests_{os.getpid()}"
+)
 
 postgresql_noproc = factories.postgresql_noproc(
     host=PG_HOST,
