@@ -227,12 +227,15 @@ class Applier:
             changes=len(changes),
         )
 
-    def _connect_target(self, deadline: float) -> Connection:
+    def _connect_target(
+        self, deadline: float, budget: str = "v2_timeout"
+    ) -> Connection:
         """Check out a target connection, waiting until ``deadline`` only.
 
         Drivers that talk to a server are connected from a worker thread,
         so that a server that does not respond cannot hold the caller past
-        the budget; a connection that arrives late is closed.
+        the budget; a connection that arrives late is closed. ``budget``
+        names the setting the deadline came from, for the error message.
         """
         engine = self.target
         if engine.dialect.name == "sqlite" or engine.dialect.is_async:
@@ -244,13 +247,14 @@ class Applier:
                 )
             connector = self._connector
         future = connector.submit(engine.connect)
+        waited = max(deadline - time.monotonic(), 0)
         try:
-            return future.result(timeout=max(deadline - time.monotonic(), 0))
+            return future.result(timeout=waited)
         except concurrent.futures.TimeoutError:
             future.add_done_callback(_close_late_connection)
             raise TimeoutError(
-                f"connecting to the target timed out after {self.timeout} s "
-                "(v2_timeout)"
+                f"connecting to the target timed out after {waited:.1f} s "
+                f"({budget})"
             ) from None
 
     def _begin_write(self, connection: Connection) -> None:

@@ -42,7 +42,7 @@ from sa_dualwrite._apply import _end_read
 from sa_dualwrite._buffer import DELETE, Change, ChangeBuffer, RowKey
 from sa_dualwrite._codec import decode_key
 from sa_dualwrite._errors import one_line
-from sa_dualwrite._sync import Outcome, sync_changes
+from sa_dualwrite._sync import Outcome, sync_changes, timed_out
 
 if TYPE_CHECKING:
     from sa_dualwrite._install import DualWrite
@@ -57,9 +57,11 @@ DEFAULT_BATCH_TIMEOUT = 30.0
 class DrainResult:
     """Counts of the outbox rows that one drain handled.
 
-    ``applied`` rows became ``done``; ``failed`` rows failed an attempt and
-    wait for a retry; ``parked`` rows failed their last attempt. ``error``
-    is the error that stopped the drain early, if any; ``audit_ids`` are
+    ``applied`` rows became ``done``; ``failed`` rows were not applied and
+    stay ``pending`` for a retry; ``parked`` rows failed their last attempt.
+    A row that failed on its own data counts an attempt; the rows of a
+    batch that failed on the target (unreachable, timed out) count none,
+    and ``error`` then says why the drain stopped early. ``audit_ids`` are
     the audit rows written.
     """
 
@@ -115,7 +117,7 @@ def drain(
     total = DrainResult()
     after = 0
     while True:
-        rows_seen, result = _drain_batch(
+        rows_seen, result, claimed = _drain_batch(
             handle,
             after=after,
             upto=upto,
@@ -125,6 +127,26 @@ def drain(
         )
         if rows_seen is None:
             break
+        if result.error is not None and len(claimed) > 1:
+            # A batch that failed on an error of its own data, not of the
+            # target, is drained again one row at a time: the bad row then
+            # fails alone and is retried and parked, the others go on.
+            for row_id in claimed:
+                _, single, _ = _drain_batch(
+                    handle,
+                    after=row_id - 1,
+                    upto=row_id,
+                    limit=1,
+                    timeout=timeout,
+                    ids=[row_id],
+                )
+                total += single
+                if single.error is not None:
+                    break
+            after = rows_seen
+            if total.error is not None:
+                break
+            continue
         total += result
         after = rows_seen
         if result.error is not None:
@@ -148,8 +170,12 @@ def _drain_batch(
     limit: int,
     timeout: float,
     ids: Sequence[int] | None,
-) -> tuple[int | None, DrainResult]:
-    """Drain one batch; return the last id claimed and the result."""
+) -> tuple[int | None, DrainResult, list[int]]:
+    """Drain one batch.
+
+    Returns the last id claimed, the result, and the claimed ids when the
+    batch failed on an error of its own rows (else an empty list).
+    """
     if handle.in_transaction:
         return _drain_same_database(handle, after, upto, limit, timeout, ids)
     hold = handle.engine.dialect.name == "postgresql"
@@ -160,7 +186,7 @@ def _drain_batch(
         )
         if not rows:
             claimer.rollback()
-            return None, DrainResult()
+            return None, DrainResult(), []
         if not hold:
             claimer.commit()
         result = _apply_elsewhere(handle, rows, timeout)
@@ -168,7 +194,7 @@ def _drain_batch(
             claimer.begin()
         _record(claimer, handle, rows, result)
         claimer.commit()
-    return rows[-1].id, result.summary()
+    return rows[-1].id, result.summary(), _isolate(rows, result)
 
 
 def _drain_same_database(
@@ -178,7 +204,7 @@ def _drain_same_database(
     limit: int,
     timeout: float,
     ids: Sequence[int] | None,
-) -> tuple[int | None, DrainResult]:
+) -> tuple[int | None, DrainResult, list[int]]:
     """Drain one batch when the target is the source database.
 
     Everything happens in one source transaction, so the rows become
@@ -197,7 +223,7 @@ def _drain_same_database(
             lock=connection.dialect.name == "postgresql",
         )
         if not rows:
-            return None, DrainResult()
+            return None, DrainResult(), []
         batch = _plan(handle, rows, recorded=set())
         outcome = _Applied(batch)
         try:
@@ -210,7 +236,7 @@ def _drain_same_database(
         except Exception as exc:
             outcome = _Applied(batch, error=exc)
         _record(connection, handle, rows, outcome)
-    return rows[-1].id, outcome.summary()
+    return rows[-1].id, outcome.summary(), _isolate(rows, outcome)
 
 
 def _apply_elsewhere(
@@ -220,7 +246,7 @@ def _apply_elsewhere(
     applier = handle.applier
     deadline = time.monotonic() + timeout
     try:
-        target = applier._connect_target(deadline)
+        target = applier._connect_target(deadline, "the drain's timeout")
     except Exception as exc:
         return _Applied(_Batch(rows), error=exc)
     reader = handle.engine.connect()
@@ -362,6 +388,24 @@ def _record(
     result: _Applied,
 ) -> None:
     """Mark the claimed rows after their batch, then report outcomes."""
+    if (
+        result.error is not None
+        and len(rows) == 1
+        and not _transient(result.error)
+    ):
+        message = f"drain failed: {one_line(result.error)}"
+        result.parked = _outbox.mark_failed(
+            connection, [(rows[0], message, None)], handle.policy
+        )
+        result.failed = 1 - result.parked
+        handle.logger.error(
+            "drain_change_failed",
+            error=one_line(result.error),
+            exc_info=result.error,
+            outbox_id=rows[0].id,
+        )
+        result.error = None
+        return
     if result.error is not None:
         message = (
             f"drain failed, the change stays pending: {one_line(result.error)}"
@@ -411,6 +455,30 @@ def _record(
             [group.outcome for group in groups if group.outcome is not None],
             session_key,
         )
+
+
+def _transient(exc: BaseException) -> bool:
+    """Return whether an error is about the target rather than the rows.
+
+    Such errors (unreachable, timed out, connection lost) leave the rows
+    pending without counting an attempt.
+    """
+    if isinstance(exc, TimeoutError) or timed_out(exc):
+        return True
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    original = getattr(exc, "orig", None) or exc
+    return any(
+        cls.__name__ == "OperationalError"
+        for cls in (*type(exc).__mro__, *type(original).__mro__)
+    )
+
+
+def _isolate(rows: list[Row[Any]], result: _Applied) -> list[int]:
+    """Return the ids to drain one by one after a batch failed on its data."""
+    if result.error is None or len(rows) < 2 or _transient(result.error):
+        return []
+    return [row.id for row in rows]
 
 
 def prune(handle: DualWrite, *, older_than: float, limit: int = 1000) -> int:

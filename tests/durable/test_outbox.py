@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import Engine, event, text, update
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
@@ -263,3 +265,57 @@ def test_cancelled_changes_leave_nothing_pending(
 
     assert statuses <= {"done"}
     assert audit_rows(dbs.target_engine) == []
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["same-db", "two-dbs"])
+def test_poison_row_does_not_block_drain(
+    pg_engine: Engine, pg_engine_v2: Engine, tmp_path: Path, separate: bool
+) -> None:
+    """A row that fails its whole batch is isolated; the others drain."""
+    target = pg_engine_v2 if separate else pg_engine
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(target)
+    handle = dw.install_dual_write(
+        pg_engine,
+        models.mappings(),
+        target=target if separate else None,
+        log_file=None,
+        durable=True,
+        max_attempts=2,
+        retry_delay=0.0,
+    )
+    handle.create_tables()
+    try:
+        first = leave_pending(handle, titulo="first")
+        poison = leave_pending(handle, titulo="poison")
+        last = leave_pending(handle, titulo="last")
+        with target.begin() as connection:
+            connection.execute(
+                text(
+                    "CREATE FUNCTION reject_audit() RETURNS trigger AS $$ "
+                    f"BEGIN IF NEW.v1_pk = '{poison}' THEN RAISE EXCEPTION "
+                    "'audit row rejected'; END IF; RETURN NEW; END $$ "
+                    "LANGUAGE plpgsql"
+                )
+            )
+            connection.execute(
+                text(
+                    "CREATE TRIGGER reject_audit BEFORE INSERT ON "
+                    "dualwrite_audit FOR EACH ROW EXECUTE FUNCTION "
+                    "reject_audit()"
+                )
+            )
+
+        result = handle.drain()
+        again = handle.drain()
+
+        rows = {row.v1_pk: row for row in outbox_rows(pg_engine)}
+        assert result.applied == 2
+        assert result.error is None
+        assert rows[str(first)].status == "done"
+        assert rows[str(last)].status == "done"
+        assert rows[str(poison)].status == "failed"
+        assert rows[str(poison)].attempts == 2
+        assert again.parked == 1
+    finally:
+        handle.uninstall()
