@@ -29,11 +29,47 @@ __all__ = [
     "SCENARIOS",
     "Scenario",
     "durable_supported",
+    "pipelined_round_trips",
     "scenario_names",
 ]
 
 TRIGGER_SQL = Path(__file__).with_name("trigger.sql")
 DB_PREFIX = "sadw_bench"
+
+_pipelines = 0
+
+
+def _count_pipelines() -> None:
+    """Count psycopg pipeline blocks, which SQLAlchemy's events miss.
+
+    The library's PostgreSQL fast path sends its statements through the
+    psycopg connection in pipeline mode: each ``pipeline()`` block is one
+    network round trip, whatever the number of statements in it.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        return
+    original = psycopg.Connection.pipeline
+
+    @contextmanager
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        global _pipelines
+        try:
+            with original(self, *args, **kwargs) as pipeline:
+                yield pipeline
+        finally:
+            _pipelines += 1
+
+    psycopg.Connection.pipeline = counted  # type: ignore[method-assign]
+
+
+def pipelined_round_trips() -> int:
+    """Return the pipeline blocks run in this process so far."""
+    return _pipelines
+
+
+_count_pipelines()
 
 
 def durable_supported() -> bool:
@@ -48,7 +84,9 @@ class Scenario:
 
     ``round_trips`` counts the statements, commits and rollbacks sent to
     its databases through SQLAlchemy. The BEGIN that psycopg sends before
-    the first statement of a transaction is not counted.
+    the first statement of a transaction is not counted. The benchmark
+    adds one round trip per psycopg pipeline block
+    (:func:`pipelined_round_trips`).
     """
 
     name: str
