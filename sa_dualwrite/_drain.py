@@ -57,12 +57,12 @@ DEFAULT_BATCH_TIMEOUT = 30.0
 class DrainResult:
     """Counts of the outbox rows that one drain handled.
 
-    ``applied`` rows became ``done``; ``failed`` rows were not applied and
-    stay ``pending`` for a retry; ``parked`` rows failed their last attempt.
-    A row that failed on its own data counts an attempt; the rows of a
+    ``applied`` rows became ``done``. ``failed`` rows were not applied and
+    stay ``pending`` for a retry. ``parked`` rows failed their last attempt.
+    A row that failed on its own data counts an attempt. The rows of a
     batch that failed on the target (unreachable, timed out) count none,
-    and ``error`` then says why the drain stopped early. ``audit_ids`` are
-    the audit rows written.
+    and ``error`` then gives the reason the drain stopped early.
+    ``audit_ids`` are the audit rows written.
     """
 
     applied: int = 0
@@ -128,9 +128,9 @@ def drain(
         if rows_seen is None:
             break
         if result.error is not None and len(claimed) > 1:
-            # A batch that failed on an error of its own data, not of the
-            # target, is drained again one row at a time: the bad row then
-            # fails alone and is retried and parked, the others go on.
+            # A batch that failed on its own data, not on the target, is
+            # drained again one row at a time. The bad row then fails alone
+            # and is retried or parked, and the other rows are applied.
             for row_id in claimed:
                 _, single, _ = _drain_batch(
                     handle,

@@ -1,4 +1,4 @@
-"""What the pipelined sync knows about a mapping, built once per mapping.
+"""The per-mapping facts and SQL of the pipelined sync, built once each.
 
 A mapping qualifies for the pipeline when its source and target keys are
 single integer or string columns, its columns have types that psycopg and
