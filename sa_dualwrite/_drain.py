@@ -42,7 +42,12 @@ from sa_dualwrite._apply import _end_read
 from sa_dualwrite._buffer import DELETE, Change, ChangeBuffer, RowKey
 from sa_dualwrite._codec import decode_key
 from sa_dualwrite._errors import one_line
-from sa_dualwrite._sync import Outcome, sync_changes, timed_out
+from sa_dualwrite._sync import (
+    Outcome,
+    SyncTimeout,
+    sync_changes,
+    timed_out,
+)
 
 if TYPE_CHECKING:
     from sa_dualwrite._install import DualWrite
@@ -127,10 +132,13 @@ def drain(
         )
         if rows_seen is None:
             break
-        if result.error is not None and len(claimed) > 1:
+        if claimed:
             # A batch that failed on its own data, not on the target, is
-            # drained again one row at a time. The bad row then fails alone
-            # and is retried or parked, and the other rows are applied.
+            # drained again one row at a time, and so are the rows of a run
+            # that ran out of time on a lock wait. The bad or locked row
+            # then fails alone, and the other rows are applied.
+            if result.error is None:
+                total += result
             for row_id in claimed:
                 _, single, _ = _drain_batch(
                     handle,
@@ -173,8 +181,9 @@ def _drain_batch(
 ) -> tuple[int | None, DrainResult, list[int]]:
     """Drain one batch.
 
-    Returns the last id claimed, the result, and the claimed ids when the
-    batch failed on an error of its own rows (else an empty list).
+    Returns the last id claimed, the result, and the ids to drain again
+    one at a time: every claimed row when the batch failed on an error of
+    its own rows, the rows left untried by a lock wait otherwise.
     """
     if handle.in_transaction:
         return _drain_same_database(handle, after, upto, limit, timeout, ids)
@@ -294,6 +303,13 @@ def _plan(
             batch.unknown.append(row)
         else:
             todo.append(row)
+    # Rows of one source transaction are written at each of its flushes,
+    # so other transactions' rows can sit between them. Each transaction is
+    # moved, whole and in order, to the place of its last row, where it
+    # committed: rows before that place cannot refer to its uncommitted
+    # rows, so no reference is broken, and its changes to one row merge.
+    last = {row.transaction_key: index for index, row in enumerate(todo)}
+    todo.sort(key=lambda row: last[row.transaction_key])
     for session_key, same_session in groupby(
         todo, key=lambda row: row.session_key
     ):
@@ -370,6 +386,7 @@ class _Applied:
         self.failed = 0
         self.parked = 0
         self.audit_ids: list[int] = []
+        self.retry_alone: list[int] = []
 
     def summary(self) -> DrainResult:
         return DrainResult(
@@ -426,15 +443,12 @@ def _record(
     done: list[tuple[int, int | None]] = [
         (row.id, row.audit_id) for row in batch.recorded
     ]
-    failed: list[tuple[Row[Any], str | None, int | None]] = [
-        (
-            row,
-            f"mapping {row.mapping!r} is not installed; install it, then "
-            "replay this change",
-            None,
-        )
-        for row in batch.unknown
-    ]
+    not_attempted: list[tuple[Row[Any], str | None, int | None]] = []
+    # A run of several changes that timed out on a lock wait cannot tell
+    # which row was locked: they are tried again alone, without an attempt.
+    alone = sum(len(groups) for _, groups in batch.groups) > 1
+    failed: list[tuple[Row[Any], str | None, int | None]] = []
+    _keep_unknown(connection, handle, batch.unknown)
     for _, groups in batch.groups:
         for group in groups:
             outcome = group.outcome
@@ -444,12 +458,32 @@ def _record(
             for row in group.rows:
                 if outcome.status == "applied":
                     done.append((row.id, outcome.audit_id))
+                elif (
+                    alone
+                    and outcome.exception is not None
+                    and timed_out(outcome.exception)
+                ):
+                    not_attempted.append(
+                        (row, outcome.error, outcome.audit_id)
+                    )
+                    result.retry_alone.append(row.id)
+                elif isinstance(outcome.exception, SyncTimeout):
+                    not_attempted.append(
+                        (row, outcome.error, outcome.audit_id)
+                    )
                 else:
                     failed.append((row, outcome.error, outcome.audit_id))
     _outbox.mark_done(connection, done)
+    _outbox.mark_not_attempted(connection, not_attempted)
     result.parked = _outbox.mark_failed(connection, failed, handle.policy)
     result.applied = len(done)
-    result.failed = len(failed) - result.parked
+    result.failed = (
+        len(batch.unknown)
+        + len(failed)
+        + len(not_attempted)
+        - len(result.retry_alone)
+        - result.parked
+    )
     for session_key, groups in batch.groups:
         handle.applier.report(
             [group.outcome for group in groups if group.outcome is not None],
@@ -457,17 +491,55 @@ def _record(
         )
 
 
+def _keep_unknown(
+    connection: Connection, handle: DualWrite, rows: list[Row[Any]]
+) -> None:
+    """Leave rows of mappings this handle lacks pending, and say so.
+
+    A worker started with the wrong mappings must not use up the attempts
+    of every change, so no attempt is counted; each drain logs an error
+    per missing mapping until a handle with that mapping drains the rows.
+    """
+    by_mapping: dict[str, list[int]] = {}
+    for row in rows:
+        by_mapping.setdefault(row.mapping, []).append(row.id)
+    for mapping, ids in sorted(by_mapping.items()):
+        message = (
+            f"mapping {mapping!r} is not installed; drain these changes "
+            "with the mappings of the application"
+        )
+        _outbox.note_error(connection, error=message, ids=ids)
+        handle.logger.error(
+            "drain_mapping_not_installed",
+            mapping=mapping,
+            changes=len(ids),
+            error=message,
+        )
+
+
+# SQLSTATE classes of errors about the target database rather than the
+# rows: connection (08), transaction rollback such as a deadlock (40),
+# schema or privileges, such as a missing table (42), resources (53),
+# operator intervention (57), system (58) and configuration files (F0).
+_TARGET_CLASSES = ("08", "40", "42", "53", "57", "58", "F0")
+
+
 def _transient(exc: BaseException) -> bool:
     """Return whether an error is about the target rather than the rows.
 
-    Such errors (unreachable, timed out, connection lost) leave the rows
-    pending without counting an attempt.
+    Such errors (unreachable, timed out, connection lost, a missing table)
+    leave the rows pending without counting an attempt.
     """
     if isinstance(exc, TimeoutError) or timed_out(exc):
         return True
     if getattr(exc, "connection_invalidated", False):
         return True
     original = getattr(exc, "orig", None) or exc
+    code = getattr(original, "sqlstate", None) or getattr(
+        original, "pgcode", None
+    )
+    if code:
+        return str(code)[:2] in _TARGET_CLASSES
     return any(
         cls.__name__ == "OperationalError"
         for cls in (*type(exc).__mro__, *type(original).__mro__)
@@ -475,8 +547,10 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _isolate(rows: list[Row[Any]], result: _Applied) -> list[int]:
-    """Return the ids to drain one by one after a batch failed on its data."""
-    if result.error is None or len(rows) < 2 or _transient(result.error):
+    """Return the ids to drain again one at a time; see _drain_batch."""
+    if result.error is None:
+        return result.retry_alone
+    if len(rows) < 2 or _transient(result.error):
         return []
     return [row.id for row in rows]
 

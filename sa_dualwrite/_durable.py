@@ -100,7 +100,9 @@ class DurableApplier(Applier):
 
         def finish(failed: list[Outcome]) -> list[tuple[str, Any]]:
             if flushed_key is not None:
-                return _outbox.pipeline_marks(flushed_key, failed, self.policy)
+                return _outbox.pipeline_marks(
+                    flushed_key, failed, self.policy, audited=False
+                )
             return [
                 _outbox.pipeline_synced_rows(
                     transaction_key, session_key, changes, failed, self.policy
@@ -340,6 +342,7 @@ class DurableApplier(Applier):
                         transaction_key,
                         [o for o in outcomes if o.status != "applied"],
                         self.policy,
+                        audited=True,
                     ),
                 ],
             )

@@ -42,6 +42,7 @@ from sa_dualwrite import _store
 from sa_dualwrite._buffer import Change
 from sa_dualwrite._codec import encode_key
 from sa_dualwrite._errors import DualWriteError
+from sa_dualwrite._sync import SyncTimeout, timed_out
 
 __all__ = [
     "PENDING",
@@ -194,10 +195,20 @@ def mark_transaction(
             outbox.c.mapping == outcome.mapping,
             outbox.c.v1_pk == outcome.v1_pk,
         )
+        statement = update(outbox).where(
+            outbox.c.id.in_(rows.scalar_subquery())
+        )
+        if not counts_attempt(outcome):
+            connection.execute(
+                statement.values(
+                    next_attempt_at=None,
+                    last_error=outcome.error,
+                    audit_id=outcome.audit_id,
+                )
+            )
+            continue
         connection.execute(
-            update(outbox)
-            .where(outbox.c.id.in_(rows.scalar_subquery()))
-            .values(
+            statement.values(
                 attempts=outbox.c.attempts + 1,
                 status=case(
                     (outbox.c.attempts + 1 >= policy.max_attempts, FAILED),
@@ -208,6 +219,21 @@ def mark_transaction(
                 audit_id=outcome.audit_id,
             )
         )
+
+
+def counts_attempt(outcome: Any) -> bool:
+    """Return whether a failed outcome of a commit's sync counts an attempt.
+
+    A change that the sync never tried, because the time budget ran out on
+    another change first, keeps its attempt count and stays due at once,
+    so that one slow change cannot park the others. So does a change whose
+    run of writes timed out on a lock wait, because the run cannot tell
+    which of its rows was locked; the drain tries them one at a time.
+    """
+    exception = outcome.exception
+    if isinstance(exception, SyncTimeout):
+        return False
+    return exception is None or not timed_out(exception)
 
 
 def note_error(
@@ -297,6 +323,11 @@ _mark_failed = (
         audit_id=bindparam("_audit_id"),
     )
 )
+_mark_not_attempted = (
+    update(outbox)
+    .where(outbox.c.id == bindparam("_id"), outbox.c.status == PENDING)
+    .values(last_error=bindparam("_error"), audit_id=bindparam("_audit_id"))
+)
 
 
 def mark_done(
@@ -346,6 +377,24 @@ def mark_failed(
         )
     connection.execute(_mark_failed, params)
     return parked
+
+
+def mark_not_attempted(
+    connection: Connection,
+    rows: Sequence[tuple[Row[Any], str | None, int | None]],
+) -> None:
+    """Record why rows ``(row, error, audit_id)`` were not tried.
+
+    They stay ``pending`` and due, with their attempt count unchanged.
+    """
+    if rows:
+        connection.execute(
+            _mark_not_attempted,
+            [
+                {"_id": row.id, "_error": error, "_audit_id": audit_id}
+                for row, error, audit_id in rows
+            ],
+        )
 
 
 def mark_key(row: Row[Any]) -> MarkKey:
@@ -399,12 +448,18 @@ def mark_replayed(connection: Connection, audit_ids: Iterable[int]) -> None:
 def requeue(
     connection: Connection, audit_ids: Sequence[int] | None
 ) -> list[int]:
-    """Put parked rows back in the queue, due now; return their ids.
+    """Put failed rows back in the queue, due now; return their ids.
 
-    With ``audit_ids``, only the rows whose last attempt wrote one of those
-    audit rows are requeued, pending rows waiting for a retry included.
+    Failed rows are the parked ones and the pending ones waiting for a
+    retry after a failed attempt. With ``audit_ids``, only the rows whose
+    last attempt wrote one of those audit rows are requeued.
     """
-    query = select(outbox.c.id).where(outbox.c.status == FAILED)
+    query = select(outbox.c.id).where(
+        or_(
+            outbox.c.status == FAILED,
+            and_(outbox.c.status == PENDING, outbox.c.audit_id.is_not(None)),
+        )
+    )
     if audit_ids is not None:
         query = select(outbox.c.id).where(
             outbox.c.status.in_([FAILED, PENDING]),
@@ -505,17 +560,25 @@ _MARK_DONE_SQL = (
     "ANY(%(failed)s))"
 )
 _MARK_FAILED_SQL = (
-    f"UPDATE {outbox.name} AS o SET attempts = o.attempts + 1, "
-    "status = CASE WHEN o.attempts + 1 >= %(max_attempts)s "
-    f"THEN '{FAILED}' ELSE '{PENDING}' END, "
-    "next_attempt_at = now() + make_interval(secs => %(delay)s), "
-    "last_error = f.error, audit_id = (SELECT max(a.id) FROM "
-    f"{_store.audit_table.name} AS a WHERE a.mapping = o.mapping AND "
-    "a.v1_pk = o.v1_pk AND a.status = 'failed') FROM "
+    f"UPDATE {outbox.name} AS o SET attempts = o.attempts + f.attempt, "
+    "status = CASE WHEN f.attempt = 1 AND o.attempts + 1 >= "
+    f"%(max_attempts)s THEN '{FAILED}' ELSE '{PENDING}' END, "
+    "next_attempt_at = CASE WHEN f.attempt = 1 THEN now() + "
+    "make_interval(secs => %(delay)s) END, "
+    "last_error = f.error, audit_id = {audit_id} FROM "
     "jsonb_to_recordset(CAST(%(rows)s AS jsonb)) AS f(mapping text, "
-    "v1_pk text, error text) WHERE o.transaction_key = %(transaction_key)s "
+    "v1_pk text, error text, attempt integer, audit_id bigint) "
+    "WHERE o.transaction_key = %(transaction_key)s "
     f"AND o.status = '{PENDING}' AND o.mapping = f.mapping "
     "AND o.v1_pk = f.v1_pk"
+)
+# The audit id of a failed change: given when the audit rows were written
+# before the outbox is marked, else read from the audit table, which the
+# same pipeline writes first and which is then in the source database.
+_GIVEN_AUDIT_ID = "f.audit_id"
+_WRITTEN_AUDIT_ID = (
+    f"(SELECT max(a.id) FROM {_store.audit_table.name} AS a WHERE "
+    "a.mapping = o.mapping AND a.v1_pk = o.v1_pk AND a.status = 'failed')"
 )
 _RECORD_APPLIED_SQL = (
     f"INSERT INTO {_store.outbox_applied_table.name} (transaction_key, "
@@ -526,9 +589,18 @@ _RECORD_APPLIED_SQL = (
 
 
 def pipeline_marks(
-    transaction_key: str, failed: Sequence[Any], policy: RetryPolicy
+    transaction_key: str,
+    failed: Sequence[Any],
+    policy: RetryPolicy,
+    *,
+    audited: bool,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Return the statements that record a pipelined sync on the outbox."""
+    """Return the statements that record a pipelined sync on the outbox.
+
+    ``audited``: the failed outcomes carry the ids of their audit rows,
+    which the target database already holds. Otherwise the audit rows are
+    written earlier in the same pipeline, in the source database.
+    """
     statements: list[tuple[str, dict[str, Any]]] = [
         (
             _MARK_DONE_SQL,
@@ -540,12 +612,19 @@ def pipeline_marks(
     ]
     if failed:
         rows = [
-            {"mapping": o.mapping, "v1_pk": o.v1_pk, "error": o.error}
+            {
+                "mapping": o.mapping,
+                "v1_pk": o.v1_pk,
+                "error": o.error,
+                "attempt": int(counts_attempt(o)),
+                "audit_id": o.audit_id,
+            }
             for o in failed
         ]
+        audit_id = _GIVEN_AUDIT_ID if audited else _WRITTEN_AUDIT_ID
         statements.append(
             (
-                _MARK_FAILED_SQL,
+                _MARK_FAILED_SQL.replace("{audit_id}", audit_id),
                 {
                     "transaction_key": transaction_key,
                     "max_attempts": policy.max_attempts,
@@ -583,15 +662,17 @@ _INSERT_SYNCED_SQL = (
     "next_attempt_at, last_error, done_at, audit_id) SELECT now(), "
     "%(transaction_key)s, %(session_key)s, r.actor, r.mapping, r.operation, "
     "r.v1_pk, r.changes, CASE WHEN NOT r.failed THEN "
-    f"'{DONE}' WHEN %(max_attempts)s <= 1 THEN '{FAILED}' ELSE "
-    f"'{PENDING}' END, CASE WHEN r.failed THEN 1 ELSE 0 END, CASE WHEN "
-    "r.failed THEN now() + make_interval(secs => %(delay)s) END, r.error, "
+    f"'{DONE}' WHEN r.attempt = 1 AND %(max_attempts)s <= 1 THEN "
+    f"'{FAILED}' ELSE '{PENDING}' END, CASE WHEN r.failed THEN r.attempt "
+    "ELSE 0 END, CASE WHEN r.failed AND r.attempt = 1 THEN now() + "
+    "make_interval(secs => %(delay)s) END, r.error, "
     "CASE WHEN NOT r.failed THEN now() END, CASE WHEN r.failed THEN "
     f"(SELECT max(a.id) FROM {_store.audit_table.name} AS a WHERE "
     "a.mapping = r.mapping AND a.v1_pk = r.v1_pk AND a.status = 'failed') "
     "END FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb)) AS r(position "
     "integer, actor text, mapping text, operation text, v1_pk text, "
-    "changes jsonb, failed boolean, error text) ORDER BY r.position"
+    "changes jsonb, failed boolean, error text, attempt integer) "
+    "ORDER BY r.position"
 )
 
 
@@ -610,6 +691,7 @@ def pipeline_synced_rows(
     applied, due for a retry for those that failed.
     """
     errors = {(o.mapping, o.v1_pk): o.error for o in failed}
+    counted = {(o.mapping, o.v1_pk) for o in failed if counts_attempt(o)}
     rows = []
     for position, change in enumerate(changes):
         v1_key = encode_key(change.v1_pk)
@@ -624,6 +706,7 @@ def pipeline_synced_rows(
                 "changes": sorted(change.changed),
                 "failed": failed_change,
                 "error": errors.get((change.mapping, v1_key)),
+                "attempt": int((change.mapping, v1_key) in counted),
             }
         )
     return (

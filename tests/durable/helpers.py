@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
 
 import sa_dualwrite as dw
 from sa_dualwrite import _outbox
@@ -45,3 +45,23 @@ def leave_pending(handle: dw.DualWrite, **values: Any) -> int:
         )
         _outbox.insert_rows(connection, rows)
     return int(alerta_id)
+
+
+def leave_pending_update(
+    handle: dw.DualWrite, alerta_id: int, titulo: str
+) -> None:
+    """Update an alerta and add its outbox row, as a process that died
+    after the source commit and before the sync would have left them.
+    """
+    table = models.Alerta.__table__
+    with handle.engine.begin() as connection:
+        connection.execute(
+            update(table).where(table.c.id == alerta_id).values(titulo=titulo)
+        )
+        change = Change(
+            "alertas", "update", (alerta_id,), frozenset({"titulo"})
+        )
+        rows = _outbox.new_rows(
+            [change], transaction_key=uuid.uuid4().hex, session_key="crashed"
+        )
+        _outbox.insert_rows(connection, rows)

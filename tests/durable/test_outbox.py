@@ -5,14 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, event, text, update
+from sqlalchemy import Engine, event, insert, text, update
 from sqlalchemy.orm import Session
 
 import sa_dualwrite as dw
+from sa_dualwrite import _outbox
+from sa_dualwrite._buffer import Change
 from sa_dualwrite._store import outbox_applied_table, outbox_table
 from tests import models
 from tests.conftest import Databases
-from tests.durable.helpers import leave_pending, outbox_rows
+from tests.durable.helpers import (
+    leave_pending,
+    leave_pending_update,
+    outbox_rows,
+)
 from tests.helpers import alert_for, alerts, audit_rows, count
 
 
@@ -190,6 +196,30 @@ def test_replay_requeues_parked(dbs: Databases, durable: dw.DualWrite) -> None:
     ]
 
 
+def test_replay_takes_waiting_retries(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """replay() also applies a failed change still waiting for a retry."""
+    with Session(dbs.source) as session:
+        alerta = models.new_alerta(titulo="REJECTED BY V2")
+        session.add(alerta)
+        session.commit()
+        alerta_id = alerta.id
+    waiting = outbox_rows(dbs.source)
+    with dbs.source.begin() as connection:
+        connection.execute(
+            update(models.Alerta.__table__).values(titulo="fixed")
+        )
+
+    new_ids = durable.replay()
+
+    assert waiting[0].status == "pending"
+    assert waiting[0].audit_id is not None
+    assert len(new_ids) == 1
+    assert alert_for(durable, alerta_id).title == "fixed"
+    assert [row.status for row in outbox_rows(dbs.source)] == ["done"]
+
+
 def test_drain_trusts_applied_record(
     dbs: Databases, durable: dw.DualWrite
 ) -> None:
@@ -319,3 +349,174 @@ def test_poison_row_does_not_block_drain(
         assert again.parked == 1
     finally:
         handle.uninstall()
+
+
+def test_locked_row_does_not_park_others(
+    pg_engine: Engine, pg_engine_v2: Engine
+) -> None:
+    """A locked target row fails alone; the rest of its batch applies."""
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(pg_engine_v2)
+    handle = dw.install_dual_write(
+        pg_engine,
+        models.mappings(),
+        target=pg_engine_v2,
+        log_file=None,
+        durable=True,
+        max_attempts=2,
+        retry_delay=600.0,
+    )
+    handle.create_tables()
+    try:
+        ids = [leave_pending(handle, titulo=f"alerta {n}") for n in range(3)]
+        assert handle.drain().applied == 3
+        for alerta_id in ids:
+            leave_pending_update(handle, alerta_id, titulo="changed")
+        locked_key = handle.v2_id("alertas", ids[0])
+
+        with pg_engine_v2.connect() as locker, locker.begin():
+            locker.execute(
+                text("SELECT 1 FROM alerts WHERE id = :id FOR UPDATE"),
+                {"id": locked_key},
+            )
+            first = handle.drain(timeout=1.0)
+            updates = outbox_rows(pg_engine, operation="update")
+            second = handle.drain(timeout=1.0)
+
+        assert first.applied == 2
+        assert first.failed == 1
+        assert [row.attempts for row in updates] == [1, 0, 0]
+        assert [row.status for row in updates] == ["pending", "done", "done"]
+        assert second.rows == 0
+    finally:
+        handle.uninstall()
+
+
+def test_lock_wait_at_commit_counts_no_attempt(
+    pg_engine: Engine, pg_engine_v2: Engine
+) -> None:
+    """A commit's sync that times out on a lock leaves its rows due."""
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(pg_engine_v2)
+    handle = dw.install_dual_write(
+        pg_engine,
+        models.mappings(),
+        target=pg_engine_v2,
+        log_file=None,
+        durable=True,
+        v2_timeout=1.0,
+        max_attempts=2,
+    )
+    handle.create_tables()
+    try:
+        with Session(pg_engine) as session:
+            alertas = [models.new_alerta(titulo=f"alerta {n}") for n in (1, 2)]
+            session.add_all(alertas)
+            session.commit()
+            locked_key = handle.v2_id("alertas", alertas[0].id)
+            with pg_engine_v2.connect() as locker, locker.begin():
+                locker.execute(
+                    text("SELECT 1 FROM alerts WHERE id = :id FOR UPDATE"),
+                    {"id": locked_key},
+                )
+                for alerta in alertas:
+                    alerta.titulo = "changed"
+                session.commit()
+        updates = outbox_rows(pg_engine, operation="update")
+        result = handle.drain()
+
+        assert [row.status for row in updates] == ["pending", "pending"]
+        assert [row.attempts for row in updates] == [0, 0]
+        assert result.applied == 2
+    finally:
+        handle.uninstall()
+
+
+def test_unknown_mapping_stays_pending(
+    dbs: Databases, durable: dw.DualWrite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row of a mapping the handle lacks is kept, with an error logged."""
+    change = Change("gone", "insert", (1,), frozenset({"titulo"}))
+    with dbs.source.begin() as connection:
+        _outbox.insert_rows(
+            connection,
+            _outbox.new_rows(
+                [change], transaction_key="t1", session_key="crashed"
+            ),
+        )
+
+    result = durable.drain()
+    rows = outbox_rows(dbs.source)
+
+    assert result.failed == 1
+    assert result.parked == 0
+    assert rows[0].status == "pending"
+    assert rows[0].attempts == 0
+    assert "mapping 'gone' is not installed" in rows[0].last_error
+    assert "drain_mapping_not_installed" in caplog.messages
+
+
+def test_drain_merges_one_transaction(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """Rows of one transaction merge even with other rows between them."""
+    table = models.Alerta.__table__
+    values = {
+        "contrato_id": "123/2026",
+        "titulo": "first",
+        "responsavel": "gestor.silva",
+        "prazo": 30,
+        "status": "ativo",
+    }
+    with dbs.source.begin() as connection:
+        first, second = (
+            connection.execute(
+                insert(table).values(values).returning(table.c.id)
+            ).scalar_one()
+            for _ in range(2)
+        )
+        columns = frozenset(values)
+        for change, transaction_key in [
+            (Change("alertas", "insert", (first,), columns), "t1"),
+            (Change("alertas", "insert", (second,), columns), "t2"),
+            (
+                Change("alertas", "update", (first,), frozenset({"titulo"})),
+                "t1",
+            ),
+        ]:
+            _outbox.insert_rows(
+                connection,
+                _outbox.new_rows(
+                    [change],
+                    transaction_key=transaction_key,
+                    session_key=f"session-{transaction_key}",
+                ),
+            )
+
+    result = durable.drain()
+    audits = audit_rows(dbs.target_engine)
+
+    assert result.applied == 3
+    assert sorted((a.v1_pk, a.operation) for a in audits) == [
+        (str(first), "insert"),
+        (str(second), "insert"),
+    ]
+
+
+def test_unmapped_value_marks_outbox(
+    dbs: Databases, durable: dw.DualWrite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A change failing before the write counts an attempt at commit."""
+    with Session(dbs.source) as session:
+        session.add(models.new_alerta(titulo="good"))
+        session.add(models.new_alerta(titulo="bad", status="unknown"))
+        session.commit()
+
+    rows = outbox_rows(dbs.source)
+    audits = audit_rows(dbs.target_engine)
+
+    assert [row.status for row in rows] == ["done", "pending"]
+    assert [row.attempts for row in rows] == [0, 1]
+    assert [a.status for a in audits] == ["applied", "failed"]
+    assert rows[1].audit_id == audits[1].id
+    assert "outbox_update_failed" not in caplog.messages
