@@ -34,7 +34,12 @@ from sa_dualwrite._sync import (
     sync_changes,
     timed_out,
 )
-from sa_dualwrite._watchdog import Watchdog, connect_limit, sqlite_busy_timeout
+from sa_dualwrite._watchdog import (
+    GRACE,
+    Watchdog,
+    connect_limit,
+    sqlite_busy_timeout,
+)
 from sa_dualwrite.mapping._compile import CompiledMapping
 
 __all__ = ["Applier"]
@@ -325,6 +330,9 @@ class Applier:
 
         A target connection that was lost is not connected again: the
         target did not respond, and a reconnection would wait once more.
+        In the source transaction the audit rows get GRACE more seconds of
+        statement and lock waits, because the budget is spent and a lock
+        on the audit table must not hold the source COMMIT.
         """
         if not nested and (connection.invalidated or lost(connection)):
             return self._unrecorded_failures(changes, session_key, exc)
@@ -333,7 +341,11 @@ class Applier:
         try:
             if nested:
                 with connection.begin_nested():
+                    saved = self._set_timeouts(
+                        connection, time.monotonic() + GRACE
+                    )
                     ids = _store.insert_audit(connection, rows)
+                    self._restore_timeouts(connection, saved)
             else:
                 if connection.in_transaction():
                     connection.rollback()

@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -361,3 +362,43 @@ def test_locked_target_row_within_budget(
     assert elapsed < 2.0
     assert [a.status for a in audits] == ["applied", "failed"]
     assert "v2_timeout" in audits[1].error
+
+
+def test_locked_audit_table_within_budget(pg_engine: Engine) -> None:
+    """Failed audit rows waiting on a locked audit table stop in time."""
+    models.V1.metadata.create_all(pg_engine)
+    models.V2.metadata.create_all(pg_engine)
+    handle = dw.install_dual_write(
+        pg_engine, models.mappings(), log_file=None, v2_timeout=0.5
+    )
+    handle.create_tables()
+    try:
+        with Session(pg_engine) as session:
+            alerta = models.new_alerta()
+            session.add(alerta)
+            session.commit()
+            v2_id = handle.v2_id("alertas", alerta.id)
+            with pg_engine.connect() as holder, holder.begin():
+                holder.execute(
+                    select(models.Alert.id)
+                    .where(models.Alert.id == v2_id)
+                    .with_for_update()
+                )
+                holder.execute(
+                    text("LOCK TABLE dualwrite_audit IN ACCESS EXCLUSIVE MODE")
+                )
+                # Without the library's own bound the commit would wait for
+                # the holder, in this same thread, for ever: fail instead.
+                session.connection().exec_driver_sql(
+                    "SET lock_timeout = '10s'"
+                )
+                alerta.titulo = "changed"
+                started = time.monotonic()
+                session.commit()
+                elapsed = time.monotonic() - started
+        kept = handle.applier.take_unrecorded()
+    finally:
+        handle.uninstall()
+
+    assert elapsed < 3.0
+    assert [change.mapping for change, _ in kept] == ["alertas"]
