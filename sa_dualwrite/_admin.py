@@ -8,15 +8,17 @@ commands ``status``, ``audit`` and ``revert --dry-run``.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from sa_dualwrite import _outbox, _revert, _store
 from sa_dualwrite._codec import decode_key
-from sa_dualwrite._errors import DualWriteError
+from sa_dualwrite._errors import DualWriteError, one_line
 
 if TYPE_CHECKING:
     from sa_dualwrite._install import DualWrite
@@ -27,6 +29,7 @@ __all__ = [
     "audit_rows",
     "preview_revert",
     "status",
+    "status_report",
 ]
 
 audit = _store.audit_table
@@ -42,14 +45,15 @@ class MappingStatus:
     ``failed`` count audit rows with that status (a failed audit row is a
     change whose last attempt failed and that was not replayed yet).
     ``lag`` is the age of the oldest pending outbox row, in seconds, or
-    None when nothing is pending.
+    None when nothing is pending. A count is None when its table could not
+    be read (see :func:`status_report`).
     """
 
     mapping: str
-    pending: int = 0
-    parked: int = 0
-    applied: int = 0
-    failed: int = 0
+    pending: int | None = 0
+    parked: int | None = 0
+    applied: int | None = 0
+    failed: int | None = 0
     oldest_pending_at: dt.datetime | None = None
     lag: float | None = None
 
@@ -70,8 +74,83 @@ class MappingStatus:
 
 def status(handle: DualWrite) -> list[MappingStatus]:
     """Return the sync state of every mapping; see DualWrite.status."""
-    counts: dict[str, dict[str, Any]] = {name: {} for name in handle._mappings}
-    with handle.target.connect() as connection:
+    entries, problems = status_report(handle, require_outbox=False)
+    if problems:
+        raise DualWriteError(problems[0])
+    return entries
+
+
+def status_report(
+    handle: DualWrite, *, require_outbox: bool
+) -> tuple[list[MappingStatus], list[str]]:
+    """Return the sync state of every mapping, and what could not be read.
+
+    Each database is read on its own, so that the outbox counts and the
+    lag (from V1) are still returned while V2 is unreachable; the counts
+    of a table that could not be read are None. ``require_outbox`` counts
+    a V1 database without the outbox table as a problem.
+    """
+    problems: list[str] = []
+    audit_counts: dict[str, dict[str, int]] | None = None
+    outbox_counts: dict[str, dict[str, Any]] | None = None
+    try:
+        audit_counts = _audit_counts(handle)
+    except DualWriteError as exc:
+        problems.append(str(exc))
+    except (SQLAlchemyError, TimeoutError) as exc:
+        problems.append(
+            "cannot read the audit table of the target database "
+            f"{handle.target.url.render_as_string(hide_password=True)}: "
+            f"{one_line(exc)}; APPLIED and FAILED are unknown until it "
+            "answers"
+        )
+    try:
+        outbox_counts = _outbox_counts(handle)
+    except SQLAlchemyError as exc:
+        problems.append(
+            "cannot read the outbox of the source database "
+            f"{handle.engine.url.render_as_string(hide_password=True)}: "
+            f"{one_line(exc)}"
+        )
+    else:
+        if outbox_counts is None and require_outbox:
+            problems.append(
+                f"table {outbox.name} not found in the source database "
+                f"{handle.engine.url.render_as_string(hide_password=True)}; "
+                "check that --v1-url names the V1 database, or create the "
+                "tables with DualWrite.create_tables()"
+            )
+    names = set(handle._mappings)
+    names.update(audit_counts or ())
+    names.update(outbox_counts or ())
+    now = _store.utcnow()
+    entries = []
+    for name in sorted(names):
+        audited = None if audit_counts is None else audit_counts.get(name, {})
+        queued = None if outbox_counts is None else outbox_counts.get(name, {})
+        oldest = None if queued is None else queued.get("oldest")
+        entries.append(
+            MappingStatus(
+                mapping=name,
+                pending=None if queued is None else queued.get("pending", 0),
+                parked=None if queued is None else queued.get("parked", 0),
+                applied=None if audited is None else audited.get("applied", 0),
+                failed=None if audited is None else audited.get("failed", 0),
+                oldest_pending_at=oldest,
+                lag=None
+                if oldest is None
+                else max((now - oldest).total_seconds(), 0.0),
+            )
+        )
+    return entries, problems
+
+
+def _audit_counts(handle: DualWrite) -> dict[str, dict[str, int]]:
+    """Count the applied and failed audit rows per mapping."""
+    counts: dict[str, dict[str, int]] = {}
+    deadline = time.monotonic() + handle.v2_timeout
+    connection = handle.applier._connect_target(deadline)
+    try:
         if not inspect(connection).has_table(audit.name):
             raise DualWriteError(
                 f"table {audit.name} not found in the target database "
@@ -87,39 +166,34 @@ def status(handle: DualWrite) -> list[MappingStatus]:
         )
         for mapping, state, number in result:
             counts.setdefault(mapping, {})[state] = int(number)
+    finally:
+        connection.close()
+    return counts
+
+
+def _outbox_counts(handle: DualWrite) -> dict[str, dict[str, Any]] | None:
+    """Count pending and parked outbox rows per mapping; None: no table."""
+    counts: dict[str, dict[str, Any]] = {}
     with handle.engine.connect() as connection:
-        if inspect(connection).has_table(outbox.name):
-            result = connection.execute(
-                select(
-                    outbox.c.mapping,
-                    outbox.c.status,
-                    func.count(),
-                    func.min(outbox.c.created_at),
-                )
-                .where(outbox.c.status.in_(["pending", "failed"]))
-                .group_by(outbox.c.mapping, outbox.c.status)
+        if not inspect(connection).has_table(outbox.name):
+            return None
+        result = connection.execute(
+            select(
+                outbox.c.mapping,
+                outbox.c.status,
+                func.count(),
+                func.min(outbox.c.created_at),
             )
-            for mapping, state, number, oldest in result:
-                entry = counts.setdefault(mapping, {})
-                key = "pending" if state == "pending" else "parked"
-                entry[key] = int(number)
-                if state == "pending":
-                    entry["oldest"] = _aware(oldest)
-    now = _store.utcnow()
-    return [
-        MappingStatus(
-            mapping=name,
-            pending=entry.get("pending", 0),
-            parked=entry.get("parked", 0),
-            applied=entry.get("applied", 0),
-            failed=entry.get("failed", 0),
-            oldest_pending_at=entry.get("oldest"),
-            lag=None
-            if entry.get("oldest") is None
-            else max((now - entry["oldest"]).total_seconds(), 0.0),
+            .where(outbox.c.status.in_(["pending", "failed"]))
+            .group_by(outbox.c.mapping, outbox.c.status)
         )
-        for name, entry in sorted(counts.items())
-    ]
+        for mapping, state, number, oldest in result:
+            entry = counts.setdefault(mapping, {})
+            key = "pending" if state == "pending" else "parked"
+            entry[key] = int(number)
+            if state == "pending":
+                entry["oldest"] = _aware(oldest)
+    return counts
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -257,11 +331,20 @@ def replay_durable(handle: DualWrite, ids: Sequence[int] | None) -> list[int]:
     with handle.engine.begin() as connection:
         linked = _outbox.linked_audit_ids(connection, ids)
         requeued = _outbox.requeue(connection, ids)
-    with handle.target.connect() as connection:
-        query = select(audit.c.id).where(audit.c.status == "failed")
-        if ids is not None:
-            query = query.where(audit.c.id.in_(list(ids)))
-        failed = [int(value) for value in connection.execute(query).scalars()]
+    query = select(audit.c.id).where(audit.c.status == "failed")
+    if ids is not None:
+        query = query.where(audit.c.id.in_(list(ids)))
+    try:
+        with handle.target.connect() as connection:
+            failed = [
+                int(value) for value in connection.execute(query).scalars()
+            ]
+    except SQLAlchemyError as exc:
+        raise DualWriteError(
+            f"replay could not read the failed changes: {one_line(exc)}; "
+            f"the {len(requeued)} requeued outbox change(s) wait for the "
+            "drain; call replay() again when the target database answers"
+        ) from exc
     unlinked = [audit_id for audit_id in failed if audit_id not in linked]
     if ids is not None:
         missing = set(ids) - set(failed) - linked

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["CliConfig", "load_config", "make_engine", "resolve_mappings"]
+__all__ = [
+    "CliConfig",
+    "ConfigError",
+    "load_config",
+    "make_engine",
+    "resolve_mappings",
+]
+
+
+class ConfigError(DualWriteError):
+    """Raised for a missing or invalid setting of the command line."""
 
 
 class CliConfig(BaseModel):
@@ -61,11 +72,11 @@ def load_config(path: str | os.PathLike[str] | None) -> CliConfig:
         with file.open("rb") as handle:
             document = tomllib.load(handle)
     except FileNotFoundError:
-        raise DualWriteError(
+        raise ConfigError(
             f"config file {str(file)!r} not found; check the --config path"
         ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise DualWriteError(
+        raise ConfigError(
             f"config file {str(file)!r} is not valid TOML: {exc}"
         ) from exc
     try:
@@ -75,7 +86,7 @@ def load_config(path: str | os.PathLike[str] | None) -> CliConfig:
             f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
             for error in exc.errors()
         )
-        raise DualWriteError(
+        raise ConfigError(
             f"config file {str(file)!r} is invalid: {problems}"
         ) from None
 
@@ -84,7 +95,7 @@ def resolve_mappings(config: CliConfig) -> Any:
     """Return the mappings that ``config`` names, ready for install."""
     spec = config.mappings
     if spec is None:
-        raise DualWriteError(
+        raise ConfigError(
             "no mappings given; pass --mappings package.module:NAME or a "
             "TOML mapping file, or set mappings in the config file"
         )
@@ -99,7 +110,7 @@ def resolve_mappings(config: CliConfig) -> Any:
 def _import_mappings(spec: str) -> Any:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise DualWriteError(
+        raise ConfigError(
             f"mappings {spec!r} is neither a TOML file nor an import "
             "string; give package.module:NAME or a path ending in .toml"
         )
@@ -109,19 +120,38 @@ def _import_mappings(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DualWriteError(
+        raise ConfigError(
             f"cannot import module {module_name!r} named by mappings "
             f"{spec!r}: {exc}; run from the folder that contains it or "
             "install it"
         ) from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"importing module {module_name!r} named by mappings {spec!r} "
+            f"failed: {type(exc).__name__}: {exc}; fix the module"
+        ) from exc
     try:
         value = getattr(module, attribute)
     except AttributeError:
-        raise DualWriteError(
+        raise ConfigError(
             f"module {module_name!r} has no attribute {attribute!r} named "
             f"by mappings {spec!r}"
         ) from None
-    return value() if callable(value) else value
+    if callable(value):
+        try:
+            value = value()
+        except Exception as exc:
+            raise ConfigError(
+                f"calling {spec!r} failed: {type(exc).__name__}: {exc}; "
+                "mappings must name a list of mappings or a function that "
+                "takes no arguments and returns one"
+            ) from exc
+    if isinstance(value, (list, tuple)) and not value:
+        raise ConfigError(
+            f"mappings {spec!r} is empty; name the list that holds the "
+            "application's mappings"
+        )
+    return value
 
 
 def make_engine(url: str, role: str) -> Engine:
@@ -133,7 +163,12 @@ def make_engine(url: str, role: str) -> Engine:
     try:
         engine = create_engine(url)
     except (ArgumentError, ImportError, ValueError) as exc:
-        raise DualWriteError(f"invalid {role} URL: {exc}") from exc
+        shown = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+        raise ConfigError(
+            f"invalid {role} URL {shown!r}: {exc}; give a SQLAlchemy URL "
+            "such as postgresql+psycopg://user@host/dbname or "
+            "sqlite:///path/to/file.db"
+        ) from exc
     if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
 
         @event.listens_for(engine, "connect")

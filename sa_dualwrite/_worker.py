@@ -45,6 +45,8 @@ class Worker:
         self.max_backoff = max_backoff
         self.retention = retention
         self.total = DrainResult()
+        # The error that ended the last drain early, if it did.
+        self.last_error: str | None = None
         self._stopping = threading.Event()
         self._next_prune = 0.0
 
@@ -91,10 +93,12 @@ class Worker:
                 batch_size=self.batch_size, timeout=self.timeout
             )
         except Exception as exc:
+            self.last_error = one_line(exc)
             self.handle.logger.error(
-                "drain_failed", error=one_line(exc), exc_info=exc
+                "drain_failed", error=self.last_error, exc_info=exc
             )
             return None
+        self.last_error = result.error
         self.total += DrainResult(
             result.applied, result.failed, result.parked, result.error
         )

@@ -26,9 +26,11 @@ from typing import Any, ClassVar, TypeVar
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
+from sa_dualwrite._admin import status_report
 from sa_dualwrite._codec import to_json
 from sa_dualwrite._config import (
     CliConfig,
+    ConfigError,
     load_config,
     make_engine,
     resolve_mappings,
@@ -40,6 +42,7 @@ from sa_dualwrite._store import STATUSES
 __all__ = ["main"]
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_CONFLICT = 3
 EXIT_STILL_FAILING = 4
 
@@ -80,6 +83,7 @@ def connection_options(command: Command) -> Command:
         ),
         click.option(
             "--log-file",
+            metavar="FILE",
             help="File that receives the JSON log lines. Default: "
             "logs/dual_write.log, or log_file in the config.",
         ),
@@ -106,7 +110,7 @@ def _handle(params: dict[str, Any]) -> Iterator[DualWrite]:
         overrides["base_dir"] = Path.cwd()
     config = config.model_copy(update=overrides)
     if config.v1_url is None:
-        raise DualWriteError(
+        raise ConfigError(
             "no V1 database given; pass --v1-url, set SA_DUALWRITE_V1_URL "
             "or set v1_url in the config file"
         )
@@ -148,6 +152,9 @@ def _errors_to_exit_codes(command: Command) -> Command:
         except RevertConflict as exc:
             click.echo(f"conflict: {exc}", err=True)
             sys.exit(EXIT_CONFLICT)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
         except DualWriteError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_ERROR)
@@ -204,9 +211,25 @@ def demo(v1_url: str | None, v2_url: str | None) -> None:
 def status(output_format: str, **params: Any) -> None:
     """Show per mapping the pending, parked, applied and failed changes
     and the lag: the age of the oldest pending change, in seconds.
+
+    A database that cannot be read is reported on stderr and its counts
+    are shown as ? (null in JSON); the exit status is then 1.
     """
     with _handle(params) as handle:
-        entries = handle.status()
+        entries, problems = status_report(handle, require_outbox=True)
+    # When nothing could be read, the errors below are the whole output.
+    if any(
+        entry.pending is not None or entry.applied is not None
+        for entry in entries
+    ):
+        _print_status(entries, output_format)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_ERROR)
+
+
+def _print_status(entries: list[Any], output_format: str) -> None:
     if output_format == "json":
         click.echo(
             json.dumps([entry.as_dict() for entry in entries], indent=2)
@@ -215,10 +238,10 @@ def status(output_format: str, **params: Any) -> None:
     rows = [
         [
             entry.mapping,
-            entry.pending,
-            entry.parked,
-            entry.applied,
-            entry.failed,
+            _count(entry.pending),
+            _count(entry.parked),
+            _count(entry.applied),
+            _count(entry.failed),
             "-" if entry.lag is None else f"{entry.lag:.1f}",
         ]
         for entry in entries
@@ -226,6 +249,10 @@ def status(output_format: str, **params: Any) -> None:
     _table(
         ["MAPPING", "PENDING", "PARKED", "APPLIED", "FAILED", "LAG_S"], rows
     )
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else str(value)
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -543,6 +570,12 @@ def worker(
     """
     from sa_dualwrite._worker import Worker
 
+    if max_backoff < idle:
+        raise click.BadParameter(
+            f"{max_backoff} is shorter than --idle {idle}; give a maximum "
+            "wait of at least --idle",
+            param_hint="--max-backoff",
+        )
     with _log_to_stderr(log_level), _handle(params) as handle:
         loop = Worker(
             handle,
@@ -558,6 +591,9 @@ def worker(
         f"worker stopped: {total.applied} applied, {total.failed} failed, "
         f"{total.parked} parked"
     )
+    if once and loop.last_error is not None:
+        click.echo(f"error: the drain failed: {loop.last_error}", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 @contextmanager

@@ -252,31 +252,31 @@ def test_worker_once_drains(app: dw.DualWrite, tmp_path: Path) -> None:
 
 
 def test_missing_v1_url(tmp_path: Path) -> None:
-    """A command without a V1 URL exits 1 with a one-line error."""
+    """A command without a V1 URL exits 2 with a one-line error."""
     result = CliRunner().invoke(
         main,
         ["status", "--mappings", MAPPINGS],
         env={"SA_DUALWRITE_V1_URL": ""},
     )
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.startswith("error: no V1 database given")
     assert len(result.output.splitlines()) == 1
 
 
 def test_unknown_mappings_module(app: dw.DualWrite, tmp_path: Path) -> None:
-    """A mappings import string that does not import exits 1."""
+    """A mappings import string that does not import exits 2."""
     result = CliRunner().invoke(
         main,
         ["status", "--v1-url", url(app.engine), "--mappings", "nowhere:X"],
     )
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "cannot import module 'nowhere'" in result.output
 
 
 def test_unreachable_database(tmp_path: Path) -> None:
-    """A V1 database that refuses connections exits 1 with one line."""
+    """A V1 database that refuses connections exits 1, saying why."""
     result = CliRunner().invoke(
         main,
         [
@@ -290,9 +290,12 @@ def test_unreachable_database(tmp_path: Path) -> None:
         ],
     )
 
+    lines = result.output.splitlines()
     assert result.exit_code == 1
-    assert result.output.startswith("error: database error: OperationalError")
-    assert len(result.output.splitlines()) == 1
+    assert len(lines) == 2
+    assert lines[0].startswith("error: cannot read the audit table")
+    assert lines[1].startswith("error: cannot read the outbox")
+    assert "OperationalError" in lines[1]
 
 
 def test_config_file(app: dw.DualWrite, tmp_path: Path) -> None:
@@ -330,13 +333,13 @@ def test_config_file(app: dw.DualWrite, tmp_path: Path) -> None:
 
 
 def test_config_rejects_unknown_key(tmp_path: Path) -> None:
-    """A misspelled config key exits 1 and names the key."""
+    """A misspelled config key exits 2 and names the key."""
     config = tmp_path / "sa-dualwrite.toml"
     config.write_text('v1_ulr = "sqlite://"\n')
 
     result = CliRunner().invoke(main, ["status", "--config", str(config)])
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "v1_ulr: Extra inputs are not permitted" in result.output
 
 
@@ -448,3 +451,106 @@ def test_config_inline_mappings(app: dw.DualWrite, tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "1 applied" in result.output
     assert app.v2_id("alertas", alerta_id) is not None
+
+
+def run_with(
+    app: dw.DualWrite, tmp_path: Path, v2_url: str, *args: str
+) -> Result:
+    """Run the command line with the app's V1 database and ``v2_url``."""
+    options = [
+        "--v1-url",
+        url(app.engine),
+        "--v2-url",
+        v2_url,
+        "--mappings",
+        MAPPINGS,
+        "--log-file",
+        str(tmp_path / "cli.log"),
+    ]
+    return CliRunner().invoke(main, [args[0], *options, *args[1:]])
+
+
+CLOSED_PORT_URL = "postgresql+psycopg://postgres@127.0.0.1:1/none"
+
+
+def test_status_without_v2(app: dw.DualWrite, tmp_path: Path) -> None:
+    """status still shows the outbox when V2 cannot be reached."""
+    leave_pending(app)
+
+    result = run_with(app, tmp_path, CLOSED_PORT_URL, "status")
+
+    lines = result.output.splitlines()
+    assert result.exit_code == 1
+    assert lines[1].split()[:5] == ["acoes", "0", "0", "?", "?"]
+    assert lines[2].split()[:5] == ["alertas", "1", "0", "?", "?"]
+    assert lines[-1].startswith("error: cannot read the audit table")
+
+
+def test_status_without_outbox(app: dw.DualWrite, tmp_path: Path) -> None:
+    """status reports a V1 database that has no outbox table."""
+    result = CliRunner().invoke(
+        main,
+        [
+            "status",
+            "--v1-url",
+            url(app.target),
+            "--mappings",
+            MAPPINGS,
+            "--log-file",
+            str(tmp_path / "cli.log"),
+        ],
+    )
+
+    assert result.exit_code == 1
+    assert "error: table dualwrite_outbox not found" in result.output
+
+
+def test_worker_once_fails(app: dw.DualWrite, tmp_path: Path) -> None:
+    """worker --once exits 1 when its drain could not reach V2."""
+    leave_pending(app)
+
+    result = run_with(app, tmp_path, CLOSED_PORT_URL, "worker", "--once")
+
+    assert result.exit_code == 1
+    assert "error: the drain failed" in result.output
+    assert [row.attempts for row in outbox_rows(app.engine)] == [0]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("raise RuntimeError('broken')\n", "importing module"),
+        ("def MAPPINGS(name):\n    return []\n", "calling"),
+        ("MAPPINGS = []\n", "is empty"),
+    ],
+    ids=["import-error", "needs-arguments", "empty"],
+)
+def test_bad_mappings_module(
+    app: dw.DualWrite,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+    message: str,
+) -> None:
+    """A mappings module that fails is one line and exit status 2."""
+    module = tmp_path / f"bad_mappings_{os.getpid()}_{len(source)}.py"
+    module.write_text(source)
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "status",
+            "--v1-url",
+            url(app.engine),
+            "--mappings",
+            f"{module.stem}:MAPPINGS",
+            "--log-file",
+            str(tmp_path / "cli.log"),
+        ],
+    )
+
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ")
+    assert message in result.output
+    assert len(result.output.splitlines()) == 1
