@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import DeclarativeBase
@@ -35,6 +36,40 @@ __all__ = ["DEFAULT_LOG_FILE", "DualWrite", "install_dual_write"]
 
 DEFAULT_LOG_FILE = "logs/dual_write.log"
 DEFAULT_V2_TIMEOUT = 3.0
+
+try:
+    from sqlalchemy.util.concurrency import in_greenlet
+except ImportError:  # pragma: no cover - older SQLAlchemy 2.0 releases
+
+    def in_greenlet() -> bool:
+        return True
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _blocking(method: Method) -> Method:
+    """Mark a handle method that connects to the databases.
+
+    With an AsyncEngine those connections need SQLAlchemy's greenlet
+    context; called outside it, the method raises a DualWriteError that
+    says how to call it, instead of SQLAlchemy's MissingGreenlet.
+    """
+
+    @functools.wraps(method)
+    def run(self: DualWrite, *args: Any, **kwargs: Any) -> Any:
+        if self.is_async and not in_greenlet():
+            raise DualWriteError(
+                f"DualWrite.{method.__name__}() connects to the databases, "
+                "and this handle was installed on an AsyncEngine; call it "
+                "inside run_sync(), for example await connection.run_sync("
+                f"lambda _: dual_write.{method.__name__}(...)), or install "
+                "a handle on a sync Engine of the same databases"
+            )
+        return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
 
 _installed: weakref.WeakKeyDictionary[Engine, DualWrite] = (
     weakref.WeakKeyDictionary()
@@ -147,6 +182,7 @@ class DualWrite:
         if self._log_sink is not None:
             self._log_sink.close()
 
+    @_blocking
     def create_tables(self) -> None:
         """Create the audit and cross-reference tables in the target
         database and the outbox table in the source database, if missing.
@@ -163,6 +199,7 @@ class DualWrite:
                 f"unknown mapping {name!r}; installed mappings: {known}"
             ) from None
 
+    @_blocking
     def v2_id(self, mapping_name: str, v1_pk: Any) -> Any:
         """Return the target key cross-referenced to source key ``v1_pk``.
 
@@ -178,6 +215,7 @@ class DualWrite:
             return None
         return _unwrap(decode_key(found[key], mapping.target_pk_types))
 
+    @_blocking
     def v1_id(self, mapping_name: str, v2_pk: Any) -> Any:
         """Return the source key cross-referenced to target key ``v2_pk``."""
         mapping = self._mapping(mapping_name)
@@ -188,6 +226,7 @@ class DualWrite:
             return None
         return _unwrap(decode_key(found, mapping.source_pk_types))
 
+    @_blocking
     def revert(
         self,
         audit_id: int | None = None,
@@ -213,6 +252,7 @@ class DualWrite:
             self, audit_id=audit_id, session_key=session_key, force=force
         )
 
+    @_blocking
     def replay(self, ids: Iterable[int] | None = None) -> list[int]:
         """Retry failed changes from the current source rows.
 
@@ -227,6 +267,7 @@ class DualWrite:
             return _admin.replay_durable(self, wanted)
         return _revert.replay(self, wanted)
 
+    @_blocking
     def resync(
         self,
         mapping_name: str,
@@ -246,6 +287,7 @@ class DualWrite:
         """
         return _revert.resync(self, mapping_name, list(v1_pks), session_key)
 
+    @_blocking
     def drain(
         self,
         *,
@@ -271,10 +313,12 @@ class DualWrite:
             )
         return _drain.drain(self, batch_size=batch_size, timeout=timeout)
 
+    @_blocking
     def requeue(self, ids: Iterable[int] | None = None) -> int:
-        """Put parked outbox changes back in the queue, due now.
+        """Put failed outbox changes back in the queue, due now.
 
-        Without ``ids`` every parked change is requeued; with audit ids,
+        Without ``ids`` every parked change is requeued, and every pending
+        change waiting for a retry after a failed attempt; with audit ids,
         the changes whose last attempt wrote those audit rows. The changes
         are applied by the next drain. Returns how many outbox rows were
         requeued.
@@ -286,6 +330,7 @@ class DualWrite:
         self.logger.info("outbox_requeued", rows=len(requeued))
         return len(requeued)
 
+    @_blocking
     def prune(self, older_than: float) -> int:
         """Delete outbox rows done more than ``older_than`` seconds ago.
 
@@ -294,6 +339,7 @@ class DualWrite:
         """
         return _drain.prune(self, older_than=older_than)
 
+    @_blocking
     def status(self) -> list[MappingStatus]:
         """Return the sync state of each mapping: pending, parked,
         applied and failed counts and the lag, the age in seconds of the
@@ -301,6 +347,7 @@ class DualWrite:
         """
         return _admin.status(self)
 
+    @_blocking
     def audit_rows(self, **filters: Any) -> list[dict[str, Any]]:
         """Return audit rows, newest first, as dicts.
 
@@ -311,6 +358,7 @@ class DualWrite:
         """
         return _admin.audit_rows(self, **filters)
 
+    @_blocking
     def preview_revert(
         self, audit_id: int | None = None, *, session_key: str | None = None
     ) -> list[RevertStep]:
@@ -330,6 +378,7 @@ class DualWrite:
             self, audit_id=audit_id, session_key=session_key
         )
 
+    @_blocking
     def verify(
         self,
         *,
@@ -354,6 +403,13 @@ class DualWrite:
         """
         return _verify.verify(
             self, batch_size=batch_size, max_mismatches=max_mismatches
+        )
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the source or the target engine is an AsyncEngine's."""
+        return bool(
+            self.engine.dialect.is_async or self.target.dialect.is_async
         )
 
     @property

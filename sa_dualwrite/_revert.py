@@ -135,7 +135,7 @@ def _undo_one(
         raise RevertConflict(
             f"target row {mapping.target_table.name} key {row.v2_pk} changed "
             f"after audit row {row.id} was applied; inspect it, then revert "
-            "with force=True to overwrite it",
+            "with force=True (--force on the command line) to overwrite it",
             audit_id=row.id,
             expected=row.after,
             current=current_image,
@@ -354,8 +354,14 @@ def replay(handle: DualWrite, ids: Sequence[int] | None) -> list[int]:
     that fails as a whole stops the replay with a DualWriteError; the chunks
     before it stay replayed.
     """
-    with handle.target.connect() as connection:
-        candidates = _failed_ids(connection, ids)
+    try:
+        with handle.target.connect() as connection:
+            candidates = _failed_ids(connection, ids)
+    except SQLAlchemyError as exc:
+        raise DualWriteError(
+            f"replay could not read the failed changes: {one_line(exc)}; "
+            "call replay() again when the target database answers"
+        ) from exc
     candidates = _skip_unknown(handle, candidates, explicit=ids is not None)
     unrecorded = handle.applier.take_unrecorded() if ids is None else []
 

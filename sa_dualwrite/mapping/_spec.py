@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Mapping as MappingABC
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -110,14 +110,33 @@ class Const(_Spec):
 FieldSpec = Copy | Values | Compute | Ref | Const
 
 
+SpecT = TypeVar("SpecT", bound=_Spec)
+
+
+def _build(spec: type[SpecT], helper: str, **arguments: Any) -> SpecT:
+    """Build a spec model, raising MappingError for invalid arguments."""
+    try:
+        return spec(**arguments)
+    except ValidationError as exc:
+        raise MappingError(
+            f"invalid arguments to {helper}(): "
+            f"{_describe_validation_error(exc)}"
+        ) from exc
+
+
 def copy(attr: str) -> Copy:
     """Return a spec that copies the source attribute ``attr``."""
-    return Copy(source=attr)
+    return _build(Copy, "copy", source=attr)
 
 
 def values(attr: str, table: MappingABC[Any, Any]) -> Values:
     """Return a spec that maps the values of ``attr`` through ``table``."""
-    return Values(source=attr, table=dict(table))
+    if not isinstance(table, MappingABC):
+        raise MappingError(
+            f"invalid arguments to values(): the table {table!r} is not a "
+            "dict; give a dict of source values to target values"
+        )
+    return _build(Values, "values", source=attr, table=dict(table))
 
 
 def compute(
@@ -126,17 +145,17 @@ def compute(
 ) -> Compute:
     """Return a spec that calls ``f`` with the values of ``attrs``."""
     sources = (attrs,) if isinstance(attrs, str) else tuple(attrs)
-    return Compute(sources=sources, function=f)
+    return _build(Compute, "compute", sources=sources, function=f)
 
 
 def ref(attr: str, mapping: str) -> Ref:
     """Return a spec that translates ``attr`` through mapping ``mapping``."""
-    return Ref(source=attr, mapping=mapping)
+    return _build(Ref, "ref", source=attr, mapping=mapping)
 
 
 def const(value: Any) -> Const:
     """Return a spec that writes ``value`` on every row."""
-    return Const(value=value)
+    return _build(Const, "const", value=value)
 
 
 def _parse_spec(value: Any) -> FieldSpec:

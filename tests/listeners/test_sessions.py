@@ -222,6 +222,43 @@ def test_async_sqlite_syncs(tmp_path: Path, separate: bool) -> None:
     ]
 
 
+def test_async_handle_needs_run_sync(tmp_path: Path) -> None:
+    """An async install's handle methods work inside run_sync only."""
+    source = _sqlite_async(tmp_path / "v1.db")
+
+    async def scenario() -> tuple[str, Any]:
+        await _create_tables(
+            source, models.V1.metadata, models.V2.metadata, store_metadata
+        )
+        handle = dw.install_dual_write(
+            source, models.mappings(), log_file=None
+        )
+        try:
+            async with AsyncSession(source) as session:
+                alerta = models.new_alerta()
+                session.add(alerta)
+                await session.flush()
+                alerta_id = alerta.id
+                await session.commit()
+            try:
+                handle.v2_id("alertas", alerta_id)
+            except dw.DualWriteError as exc:
+                message = str(exc)
+            async with source.connect() as connection:
+                found = await connection.run_sync(
+                    lambda _: handle.v2_id("alertas", alerta_id)
+                )
+        finally:
+            handle.uninstall()
+            await source.dispose()
+        return message, found
+
+    message, found = asyncio.run(scenario())
+
+    assert "run_sync()" in message
+    assert found is not None
+
+
 def _async_url(connection: PsycopgConnection) -> URL:
     return pg_url(connection).set(drivername="postgresql+psycopg_async")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -203,7 +204,7 @@ def test_compute_bad_import_string(path: str, message: str) -> None:
     """A compute import string that does not resolve fails install."""
     spec = {"from": ["criado_em", "prazo"], "compute": path}
 
-    with pytest.raises(dw.MappingError, match=message):
+    with pytest.raises(dw.MappingError, match=re.escape(message)):
         _compile(_alert(due_date=spec))
 
 
@@ -380,3 +381,20 @@ def test_long_mapping_name() -> None:
 
     with pytest.raises(dw.MappingError, match="shorter"):
         _compile(mapping)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: dw.copy(""), "copy(): source"),
+        (lambda: dw.values("status", {}), "values(): table"),
+        (lambda: dw.values("status", ["ativo"]), "is not a dict"),
+        (lambda: dw.compute([], str), "compute(): sources"),
+        (lambda: dw.ref("alerta_id", ""), "ref(): mapping"),
+    ],
+    ids=["copy", "values-empty", "values-list", "compute", "ref"],
+)
+def test_spec_helper_arguments(build: Any, message: str) -> None:
+    """The spec helpers raise MappingError for invalid arguments."""
+    with pytest.raises(dw.MappingError, match=re.escape(message)):
+        build()
