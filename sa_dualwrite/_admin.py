@@ -86,7 +86,7 @@ def status_report(
     """Return the sync state of every mapping, and what could not be read.
 
     Each database is read on its own, so that the outbox counts and the
-    lag (from V1) are still returned while V2 is unreachable; the counts
+    lag (from V1) are still returned while V2 is unreachable. The counts
     of a table that could not be read are None. ``require_outbox`` counts
     a V1 database without the outbox table as a problem.
     """

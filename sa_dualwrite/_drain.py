@@ -494,7 +494,7 @@ def _record(
 def _keep_unknown(
     connection: Connection, handle: DualWrite, rows: list[Row[Any]]
 ) -> None:
-    """Leave rows of mappings this handle lacks pending, and say so.
+    """Leave rows of mappings this handle lacks pending, and log an error.
 
     A worker started with the wrong mappings must not use up the attempts
     of every change, so no attempt is counted; each drain logs an error

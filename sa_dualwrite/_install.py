@@ -52,8 +52,8 @@ def _blocking(method: Method) -> Method:
     """Mark a handle method that connects to the databases.
 
     With an AsyncEngine those connections need SQLAlchemy's greenlet
-    context; called outside it, the method raises a DualWriteError that
-    says how to call it, instead of SQLAlchemy's MissingGreenlet.
+    context. Called outside it, the method raises a DualWriteError that
+    explains how to call it, instead of SQLAlchemy's MissingGreenlet.
     """
 
     @functools.wraps(method)

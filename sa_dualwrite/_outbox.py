@@ -228,7 +228,7 @@ def counts_attempt(outcome: Any) -> bool:
     another change first, keeps its attempt count and stays due at once,
     so that one slow change cannot park the others. So does a change whose
     run of writes timed out on a lock wait, because the run cannot tell
-    which of its rows was locked; the drain tries them one at a time.
+    which of its rows was locked. The drain tries them one at a time.
     """
     exception = outcome.exception
     if isinstance(exception, SyncTimeout):

@@ -521,7 +521,7 @@ def test_worker_once_fails(app: dw.DualWrite, tmp_path: Path) -> None:
     [
         ("raise RuntimeError('broken')\n", "importing module"),
         ("def MAPPINGS(name):\n    return []\n", "calling"),
-        ("MAPPINGS = []\n", "is empty"),
+        ("MAPPINGS = []\n", "is an empty list"),
     ],
     ids=["import-error", "needs-arguments", "empty"],
 )
