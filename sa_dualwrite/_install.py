@@ -343,7 +343,9 @@ class DualWrite:
     def status(self) -> list[MappingStatus]:
         """Return the sync state of each mapping: pending, parked,
         applied and failed counts and the lag, the age in seconds of the
-        oldest pending outbox change.
+        oldest pending outbox change. Raises :class:`DualWriteError` when
+        a database cannot be read; ``sa-dualwrite status`` shows what it
+        could read instead.
         """
         return _admin.status(self)
 
