@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Row
 from sa_dualwrite import _outbox, _store
 from sa_dualwrite._apply import _end_read
 from sa_dualwrite._buffer import DELETE, Change, ChangeBuffer, RowKey
-from sa_dualwrite._codec import decode_key
+from sa_dualwrite._codec import decode_key, encode_key
 from sa_dualwrite._errors import one_line
 from sa_dualwrite._sync import (
     Outcome,
@@ -98,6 +98,10 @@ class _Group:
     change: Change
     rows: list[Row[Any]]
     outcome: Outcome | None = None
+    # An insert and a delete of one row that cancel out; see _merge.
+    cancelled: bool = False
+    # Nothing was done and nothing is audited or reported.
+    silent: bool = False
 
 
 @dataclass
@@ -340,12 +344,17 @@ def _merge(handle: DualWrite, rows: list[Row[Any]]) -> list[_Group]:
         rows_of.setdefault(change.key, []).append(row)
     changes = buffer.changes()
     kept = {change.key for change in changes}
+    cancelled = set()
     for key, same_row in rows_of.items():
         if key not in kept:
             changes.append(
                 Change(key[0], DELETE, key[1], actor=same_row[-1].actor)
             )
-    return [_Group(change, rows_of[change.key]) for change in changes]
+            cancelled.add(key)
+    return [
+        _Group(change, rows_of[change.key], cancelled=change.key in cancelled)
+        for change in changes
+    ]
 
 
 def _changes(batch: _Batch) -> list[Change]:
@@ -360,16 +369,38 @@ def _sync(
     deadline: float,
 ) -> None:
     for session_key, groups in batch.groups:
+        todo = [
+            group for group in groups if not _cancelled_unsynced(target, group)
+        ]
+        if not todo:
+            continue
         outcomes = sync_changes(
-            [group.change for group in groups],
+            [group.change for group in todo],
             source=source,
             target=target,
             mappings=handle._mappings,
             session_key=session_key,
             deadline=deadline,
         )
-        for group, outcome in zip(groups, outcomes, strict=True):
+        for group, outcome in zip(todo, outcomes, strict=True):
             group.outcome = outcome
+
+
+def _cancelled_unsynced(target: Connection, group: _Group) -> bool:
+    """Settle a cancelled insert and delete that never reached the target.
+
+    Such a pair means nothing, unlike one whose insert an earlier batch
+    synced (the target then holds the row, and the delete removes it).
+    """
+    if not group.cancelled:
+        return False
+    change = group.change
+    v1_key = encode_key(change.v1_pk)
+    if _store.load_xref(target, change.mapping, [v1_key]):
+        return False
+    group.outcome = Outcome(change, DELETE, "applied", v1_key)
+    group.silent = True
+    return True
 
 
 def _earlier_audit_ids(rows: Sequence[Row[Any]]) -> list[int]:
@@ -445,7 +476,8 @@ def _record(
     ]
     not_attempted: list[tuple[Row[Any], str | None, int | None]] = []
     # A run of several changes that timed out on a lock wait cannot tell
-    # which row was locked: they are tried again alone, without an attempt.
+    # which row was locked, and changes the budget left untried were not
+    # tried at all: both are tried again alone, without an attempt.
     alone = sum(len(groups) for _, groups in batch.groups) > 1
     failed: list[tuple[Row[Any], str | None, int | None]] = []
     _keep_unknown(connection, handle, batch.unknown)
@@ -461,7 +493,10 @@ def _record(
                 elif (
                     alone
                     and outcome.exception is not None
-                    and timed_out(outcome.exception)
+                    and (
+                        timed_out(outcome.exception)
+                        or isinstance(outcome.exception, SyncTimeout)
+                    )
                 ):
                     not_attempted.append(
                         (row, outcome.error, outcome.audit_id)
@@ -486,7 +521,11 @@ def _record(
     )
     for session_key, groups in batch.groups:
         handle.applier.report(
-            [group.outcome for group in groups if group.outcome is not None],
+            [
+                group.outcome
+                for group in groups
+                if group.outcome is not None and not group.silent
+            ],
             session_key,
         )
 

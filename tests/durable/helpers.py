@@ -48,7 +48,10 @@ def leave_pending(handle: dw.DualWrite, **values: Any) -> int:
 
 
 def leave_pending_update(
-    handle: dw.DualWrite, alerta_id: int, titulo: str
+    handle: dw.DualWrite,
+    alerta_id: int,
+    titulo: str,
+    session_key: str = "crashed",
 ) -> None:
     """Update an alerta and add its outbox row, as a process that died
     after the source commit and before the sync would have left them.
@@ -62,6 +65,6 @@ def leave_pending_update(
             "alertas", "update", (alerta_id,), frozenset({"titulo"})
         )
         rows = _outbox.new_rows(
-            [change], transaction_key=uuid.uuid4().hex, session_key="crashed"
+            [change], transaction_key=uuid.uuid4().hex, session_key=session_key
         )
         _outbox.insert_rows(connection, rows)

@@ -351,8 +351,9 @@ def test_poison_row_does_not_block_drain(
         handle.uninstall()
 
 
+@pytest.mark.parametrize("sessions", ["one-session", "one-session-each"])
 def test_locked_row_does_not_park_others(
-    pg_engine: Engine, pg_engine_v2: Engine
+    pg_engine: Engine, pg_engine_v2: Engine, sessions: str
 ) -> None:
     """A locked target row fails alone; the rest of its batch applies."""
     models.V1.metadata.create_all(pg_engine)
@@ -371,7 +372,12 @@ def test_locked_row_does_not_park_others(
         ids = [leave_pending(handle, titulo=f"alerta {n}") for n in range(3)]
         assert handle.drain().applied == 3
         for alerta_id in ids:
-            leave_pending_update(handle, alerta_id, titulo="changed")
+            session_key = (
+                "crashed" if sessions == "one-session" else f"s{alerta_id}"
+            )
+            leave_pending_update(
+                handle, alerta_id, titulo="changed", session_key=session_key
+            )
         locked_key = handle.v2_id("alertas", ids[0])
 
         with pg_engine_v2.connect() as locker, locker.begin():
@@ -520,3 +526,44 @@ def test_unmapped_value_marks_outbox(
     assert [a.status for a in audits] == ["applied", "failed"]
     assert rows[1].audit_id == audits[1].id
     assert "outbox_update_failed" not in caplog.messages
+
+
+def test_drain_drops_cancelled_insert(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """An insert and delete in one transaction write no audit row."""
+    table = models.Alerta.__table__
+    values = {
+        "contrato_id": "123/2026",
+        "titulo": "inserted again",
+        "responsavel": "gestor.silva",
+        "prazo": 30,
+        "status": "ativo",
+    }
+    with dbs.source.begin() as connection:
+        alerta_id = connection.execute(
+            insert(table).values(values).returning(table.c.id)
+        ).scalar_one()
+        columns = frozenset(values)
+        for operation, transaction_key in [
+            ("insert", "t1"),
+            ("delete", "t1"),
+            ("insert", "t2"),
+        ]:
+            _outbox.insert_rows(
+                connection,
+                _outbox.new_rows(
+                    [Change("alertas", operation, (alerta_id,), columns)],
+                    transaction_key=transaction_key,
+                    session_key=f"session-{transaction_key}",
+                ),
+            )
+
+    result = durable.drain()
+    audits = audit_rows(dbs.target_engine)
+
+    assert result.applied == 3
+    assert [(a.operation, a.session_key) for a in audits] == [
+        ("insert", "session-t2")
+    ]
+    assert alert_for(durable, alerta_id).title == "inserted again"
