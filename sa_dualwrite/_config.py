@@ -102,8 +102,14 @@ def resolve_mappings(config: CliConfig) -> Any:
     if isinstance(spec, list):
         return spec
     path = config.base_dir / spec
-    if path.is_file() or spec.endswith(".toml"):
+    if path.is_file():
         return path
+    if spec.endswith(".toml"):
+        raise ConfigError(
+            f"mapping file {str(path)!r} not found; check the mappings "
+            "path (relative to the config file, or to the working "
+            "directory on the command line)"
+        )
     return _import_mappings(spec)
 
 
@@ -146,6 +152,11 @@ def _import_mappings(spec: str) -> Any:
                 "mappings must name a list of mappings or a function that "
                 "takes no arguments and returns one"
             ) from exc
+    if value is None:
+        raise ConfigError(
+            f"mappings {spec!r} is None; name a list of mappings or a "
+            "function that returns one"
+        )
     if isinstance(value, (list, tuple)) and not value:
         raise ConfigError(
             f"mappings {spec!r} is an empty list; name the list that holds "

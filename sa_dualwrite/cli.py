@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import math
 import re
 import signal
 import sys
@@ -570,6 +571,16 @@ def worker(
     """
     from sa_dualwrite._worker import Worker
 
+    for name, value in (
+        ("--timeout", timeout),
+        ("--idle", idle),
+        ("--max-backoff", max_backoff),
+        ("--retention", retention),
+    ):
+        if not math.isfinite(value):
+            raise click.BadParameter(
+                f"{value} is not a finite number of seconds", param_hint=name
+            )
     if max_backoff < idle:
         raise click.BadParameter(
             f"{max_backoff} is shorter than --idle {idle}; give a maximum "

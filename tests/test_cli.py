@@ -522,8 +522,9 @@ def test_worker_once_fails(app: dw.DualWrite, tmp_path: Path) -> None:
         ("raise RuntimeError('broken')\n", "importing module"),
         ("def MAPPINGS(name):\n    return []\n", "calling"),
         ("MAPPINGS = []\n", "is an empty list"),
+        ("MAPPINGS = None\n", "is None"),
     ],
-    ids=["import-error", "needs-arguments", "empty"],
+    ids=["import-error", "needs-arguments", "empty", "none"],
 )
 def test_bad_mappings_module(
     app: dw.DualWrite,
@@ -554,3 +555,29 @@ def test_bad_mappings_module(
     assert result.output.startswith("error: ")
     assert message in result.output
     assert len(result.output.splitlines()) == 1
+
+
+def test_missing_mapping_file(app: dw.DualWrite, tmp_path: Path) -> None:
+    """A mapping file that does not exist is a usage error."""
+    result = CliRunner().invoke(
+        main,
+        [
+            "status",
+            "--v1-url",
+            url(app.engine),
+            "--mappings",
+            str(tmp_path / "nowhere.toml"),
+        ],
+    )
+
+    assert result.exit_code == 2
+    assert "mapping file" in result.output
+    assert "not found" in result.output
+
+
+def test_worker_rejects_nan(app: dw.DualWrite, tmp_path: Path) -> None:
+    """A timing option that is not a finite number is rejected."""
+    result = run(app, tmp_path, "worker", "--once", "--idle", "nan")
+
+    assert result.exit_code == 2
+    assert "not a finite number" in result.output
