@@ -200,6 +200,9 @@ def _drain_batch(
         if not rows:
             claimer.rollback()
             return None, DrainResult(), []
+        seen = rows[-1].id
+        if ids is None:
+            rows += _outbox.claim_rest(claimer, rows, upto=upto, lock=hold)
         if not hold:
             claimer.commit()
         result = _apply_elsewhere(handle, rows, timeout)
@@ -207,7 +210,7 @@ def _drain_batch(
             claimer.begin()
         _record(claimer, handle, rows, result)
         claimer.commit()
-    return rows[-1].id, result.summary(), _isolate(rows, result)
+    return seen, result.summary(), _isolate(rows, result)
 
 
 def _drain_same_database(
@@ -227,16 +230,20 @@ def _drain_same_database(
     deadline = time.monotonic() + timeout
     with handle.engine.connect() as connection, connection.begin():
         applier._begin_write(connection)
+        lock = connection.dialect.name == "postgresql"
         rows = _outbox.claim(
             connection,
             after=after,
             upto=upto,
             limit=limit,
             ids=ids,
-            lock=connection.dialect.name == "postgresql",
+            lock=lock,
         )
         if not rows:
             return None, DrainResult(), []
+        seen = rows[-1].id
+        if ids is None:
+            rows += _outbox.claim_rest(connection, rows, upto=upto, lock=lock)
         batch = _plan(handle, rows, recorded=set())
         outcome = _Applied(batch)
         try:
@@ -249,7 +256,7 @@ def _drain_same_database(
         except Exception as exc:
             outcome = _Applied(batch, error=exc)
         _record(connection, handle, rows, outcome)
-    return rows[-1].id, outcome.summary(), _isolate(rows, outcome)
+    return seen, outcome.summary(), _isolate(rows, outcome)
 
 
 def _apply_elsewhere(

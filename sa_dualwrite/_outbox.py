@@ -297,6 +297,48 @@ def claim(
     return list(connection.execute(query))
 
 
+def claim_rest(
+    connection: Connection,
+    rows: list[Row[Any]],
+    *,
+    upto: int,
+    lock: bool,
+) -> list[Row[Any]]:
+    """Return the later pending rows of the last claimed transaction that
+    change the same source rows.
+
+    The limit of a claim can cut the rows of the last transaction in two.
+    Taking the rest of its changes to the claimed source rows keeps a drain
+    from syncing half of a row's changes (an insert whose delete waits in
+    the next batch, say), while a large transaction still spreads over
+    several batches and workers.
+    """
+    if not rows:
+        return []
+    last = rows[-1].transaction_key
+    pairs = sorted(
+        {
+            (row.mapping, row.v1_pk)
+            for row in rows
+            if row.transaction_key == last
+        }
+    )
+    query = (
+        select(outbox)
+        .where(
+            outbox.c.status == PENDING,
+            outbox.c.id > rows[-1].id,
+            outbox.c.id <= upto,
+            outbox.c.transaction_key == last,
+            tuple_(outbox.c.mapping, outbox.c.v1_pk).in_(pairs),
+        )
+        .order_by(outbox.c.id)
+    )
+    if lock:
+        query = query.with_for_update(skip_locked=True)
+    return list(connection.execute(query))
+
+
 def max_id(connection: Connection) -> int:
     """Return the highest outbox id, 0 for an empty outbox."""
     return int(connection.execute(select(func.max(outbox.c.id))).scalar() or 0)

@@ -567,3 +567,23 @@ def test_drain_drops_cancelled_insert(
         ("insert", "session-t2")
     ]
     assert alert_for(durable, alerta_id).title == "inserted again"
+
+
+def test_batch_keeps_transaction_whole(
+    dbs: Databases, durable: dw.DualWrite
+) -> None:
+    """A batch limit never splits one transaction's insert and delete."""
+    rows = []
+    for operation in ("insert", "delete"):
+        change = Change("alertas", operation, (999,), frozenset({"titulo"}))
+        rows += _outbox.new_rows(
+            [change], transaction_key="t1", session_key="s1"
+        )
+    with dbs.source.begin() as connection:
+        _outbox.insert_rows(connection, rows)
+
+    result = durable.drain(batch_size=1)
+
+    assert result.applied == 2
+    assert audit_rows(dbs.target_engine) == []
+    assert [row.status for row in outbox_rows(dbs.source)] == ["done"] * 2
