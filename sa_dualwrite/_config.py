@@ -159,8 +159,8 @@ def _import_mappings(spec: str) -> Any:
         )
     if isinstance(value, (list, tuple)) and not value:
         raise ConfigError(
-            f"mappings {spec!r} is an empty list; name the list that holds "
-            "the application's mappings"
+            f"mappings {spec!r} is an empty list; name the list that "
+            "contains the application's mappings"
         )
     return value
 

@@ -397,7 +397,7 @@ def _cancelled_unsynced(target: Connection, group: _Group) -> bool:
     """Settle a cancelled insert and delete that never reached the target.
 
     Such a pair means nothing, unlike one whose insert an earlier batch
-    synced (the target then holds the row, and the delete removes it).
+    synced. The target then contains the row, and the delete removes it.
     """
     if not group.cancelled:
         return False
@@ -543,8 +543,8 @@ def _keep_unknown(
     """Leave rows of mappings this handle lacks pending, and log an error.
 
     A worker started with the wrong mappings must not use up the attempts
-    of every change, so no attempt is counted; each drain logs an error
-    per missing mapping until a handle with that mapping drains the rows.
+    of every change, so no attempt is counted. Each drain logs an error per
+    missing mapping until a handle with that mapping drains the rows.
     """
     by_mapping: dict[str, list[int]] = {}
     for row in rows:

@@ -316,7 +316,7 @@ class DurableApplier(Applier):
 
         The applied record goes into the target transaction. The outbox
         rows are marked in a short source transaction that does not wait
-        for its WAL flush (synchronous_commit off): if a crash loses that
+        for its WAL flush (synchronous_commit off). If a crash loses that
         update, the rows stay pending and the drain finds the applied
         record, so nothing is applied twice.
         """

@@ -262,10 +262,10 @@ class DualWrite:
         and each retry writes a new row, ``applied`` or ``failed``. Returns
         the ids of the new audit rows.
         """
-        wanted = None if ids is None else list(ids)
+        requested = None if ids is None else list(ids)
         if self.durable:
-            return _admin.replay_durable(self, wanted)
-        return _revert.replay(self, wanted)
+            return _admin.replay_durable(self, requested)
+        return _revert.replay(self, requested)
 
     @_blocking
     def resync(
@@ -280,10 +280,11 @@ class DualWrite:
         Use it for rows that ``verify()`` reports as missing or different,
         or after writes the library cannot see (raw SQL, triggers). Each
         key is a value, or a tuple for a composite key. A row that exists
-        is inserted or updated in the target; a row that no longer exists
-        is handled as ``on_delete`` says. Each row gets an audit row, with
-        ``session_key`` (default: a new ``resync-...`` key) so that the
-        whole resync can be reverted. Returns the new audit ids.
+        is inserted or updated in the target. A row that no longer exists
+        is handled as its mapping's ``on_delete`` setting requires. Each row
+        gets an audit row, with ``session_key`` (default: a new
+        ``resync-...`` key) so that the whole resync can be reverted.
+        Returns the new audit ids.
         """
         return _revert.resync(self, mapping_name, list(v1_pks), session_key)
 

@@ -309,9 +309,9 @@ def claim_rest(
 
     The limit of a claim can cut the rows of the last transaction in two.
     Taking the rest of its changes to the claimed source rows keeps a drain
-    from syncing half of a row's changes (an insert whose delete waits in
-    the next batch, say), while a large transaction still spreads over
-    several batches and workers.
+    from syncing half of a row's changes, such as an insert whose delete
+    waits in the next batch. A large transaction still spreads over
+    several batches and workers, because only those rows are added.
     """
     if not rows:
         return []
@@ -728,9 +728,9 @@ def pipeline_synced_rows(
     """Return the INSERT of the outbox rows of a sync in the V1 database.
 
     When the target is the source database the sync runs in the source
-    transaction, so the outbox rows are written by the sync itself, in the
-    same transaction as the source write: ``done`` for the changes it
-    applied, due for a retry for those that failed.
+    transaction, so the sync itself writes the outbox rows, in the same
+    transaction as the source write. Rows of applied changes are ``done``,
+    and rows of failed changes are due for a retry.
     """
     errors = {(o.mapping, o.v1_pk): o.error for o in failed}
     counted = {(o.mapping, o.v1_pk) for o in failed if counts_attempt(o)}

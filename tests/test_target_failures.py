@@ -228,7 +228,7 @@ def test_concurrent_writers_converge(
 def test_target_freezing_mid_sync_is_bounded(
     pg_engine: Engine, pg_engine_v2: Engine
 ) -> None:
-    """A V2 that stops answering on an open connection is cut off in time."""
+    """A V2 that stops responding on an open connection is cut off in time."""
     models.V1.metadata.create_all(pg_engine)
     models.V2.metadata.create_all(pg_engine_v2)
     dw.metadata.create_all(pg_engine_v2)

@@ -1,7 +1,7 @@
 """Sync on PostgreSQL with psycopg 3 in one or two network round trips.
 
 The general sync (:func:`sa_dualwrite._sync.sync_changes`) sends one
-statement at a time and waits for each answer. With psycopg 3 this module
+statement at a time and waits for each result. With psycopg 3 this module
 sends its statements in pipeline mode instead, where the server runs them in
 order while the client waits once:
 
@@ -170,8 +170,8 @@ def sync_after_commit(
     the committed source rows are read on ``source`` in a read transaction
     begun and ended here, then everything is written and committed. Rows
     inserted by the source commit are taken from the values the ORM held,
-    without a read; if a concurrent sync already inserted one, the
-    cross-reference key stops the commit and the caller's fallback
+    without a read. If a concurrent sync already inserted one, the
+    cross-reference key stops the commit, and the caller's fallback
     updates it instead. Raises like :func:`sync_in_transaction`, after
     rolling the target transaction back.
     """
@@ -380,7 +380,7 @@ def _complete(plan: _Plan) -> bool:
 
 def _unknown_refs(batch: _Batch) -> set[tuple[str, str]]:
     """Return the refs of inserted rows that no read covers."""
-    wanted = set()
+    needed = set()
     for plan in batch.plans:
         if plan.image is None or plan.change.operation != INSERT:
             continue
@@ -389,8 +389,8 @@ def _unknown_refs(batch: _Batch) -> set[tuple[str, str]]:
                 continue
             value = plan.image.get(item.sources[0])
             if value is not None:
-                wanted.add((item.ref_mapping, encode_key((value,))))
-    return wanted
+                needed.add((item.ref_mapping, encode_key((value,))))
+    return needed
 
 
 def _images_reader(shape: _Shape, plans: list[_Plan]) -> Any:

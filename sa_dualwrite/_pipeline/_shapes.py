@@ -1,9 +1,9 @@
 """The per-mapping facts and SQL of the pipelined sync, built once each.
 
-A mapping qualifies for the pipeline when its source and target keys are
-single integer or string columns, its columns have types that psycopg and
-PostgreSQL's JSON functions handle exactly as SQLAlchemy would, and its
-target draws ascending keys (or is given them). Its read SELECTs are
+A mapping qualifies for the pipeline on three conditions. Its source and
+target keys are single integer or string columns. Its columns have types
+that psycopg and PostgreSQL's JSON functions handle exactly as SQLAlchemy
+would. Its target draws ascending keys, or is given them. Its read SELECTs are
 compiled once and cached with it.
 """
 
@@ -157,7 +157,7 @@ def _text_key(column: Any) -> bool:
 
 @dataclass(eq=False)
 class _Shape:
-    """What this module needs to know about one mapping, built once."""
+    """The facts and compiled SQL of one mapping, built once."""
 
     mapping: CompiledMapping
     image_sql: str = ""
